@@ -1,0 +1,1 @@
+"""Evaluation of frozen features: faiss kNN, retrieval metrics and few-shot."""
