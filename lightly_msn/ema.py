@@ -54,8 +54,8 @@ def update_momentum(
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"update_momentum: momentum m must be in [0, 1], got {m}.")
-    params = list(model.parameters())
-    ema_params = list(model_ema.parameters())
+    params: list[Tensor] = list(model.parameters())
+    ema_params: list[Tensor] = list(model_ema.parameters())
     _check_pairs("parameters", params, ema_params)
     torch._foreach_lerp_(ema_params, params, 1.0 - m)
 
@@ -64,18 +64,22 @@ def update_momentum(
     buffers = list(model.buffers())
     ema_buffers = list(model_ema.buffers())
     _check_pairs("buffers", buffers, ema_buffers)
-    float_pairs = [
-        (b, e) for b, e in zip(buffers, ema_buffers) if e.is_floating_point()
+    floating = [
+        (b, e)
+        for b, e in zip(buffers, ema_buffers, strict=True)
+        if b.is_floating_point()
     ]
-    if float_pairs:
-        sources, targets = zip(*float_pairs)
-        torch._foreach_lerp_(list(targets), list(sources), 1.0 - m)
-    other_pairs = [
-        (b, e) for b, e in zip(buffers, ema_buffers) if not e.is_floating_point()
+    integer = [
+        (b, e)
+        for b, e in zip(buffers, ema_buffers, strict=True)
+        if not b.is_floating_point()
     ]
-    if other_pairs:
-        sources, targets = zip(*other_pairs)
-        torch._foreach_copy_(list(targets), list(sources))
+    if floating:
+        torch._foreach_lerp_(
+            [e for _, e in floating], [b for b, _ in floating], 1.0 - m
+        )
+    if integer:
+        torch._foreach_copy_([e for _, e in integer], [b for b, _ in integer])
 
 
 def _check_pairs(kind: str, tensors: list[Tensor], ema_tensors: list[Tensor]) -> None:
@@ -84,7 +88,9 @@ def _check_pairs(kind: str, tensors: list[Tensor], ema_tensors: list[Tensor]) ->
             f"update_momentum: model has {len(tensors)} {kind} but model_ema has "
             f"{len(ema_tensors)}; both must have the same architecture."
         )
-    for index, (tensor, ema_tensor) in enumerate(zip(tensors, ema_tensors)):
+    for index, (tensor, ema_tensor) in enumerate(
+        zip(tensors, ema_tensors, strict=True)
+    ):
         if tensor.shape != ema_tensor.shape or tensor.dtype != ema_tensor.dtype:
             raise ValueError(
                 f"update_momentum: {kind} #{index} differ between model "

@@ -38,7 +38,9 @@ def test_update_momentum_equals_lightly_on_vit(m: float) -> None:
     with torch.no_grad():
         lightly_update_momentum(model, ema_lightly, m=m)
 
-    for ours, reference in zip(ema_ours.parameters(), ema_lightly.parameters()):
+    for ours, reference in zip(
+        ema_ours.parameters(), ema_lightly.parameters(), strict=True
+    ):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
 
@@ -50,7 +52,9 @@ def test_update_momentum_matches_formula_and_records_no_graph() -> None:
 
     update_momentum(model, ema, m=0.9)
 
-    for old, new, source in zip(before, ema.parameters(), model.parameters()):
+    for old, new, source in zip(
+        before, ema.parameters(), model.parameters(), strict=True
+    ):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * source)
         assert new.grad_fn is None
         assert new.grad is None
@@ -91,7 +95,7 @@ def test_update_momentum_can_leave_buffers_untouched_like_lightly() -> None:
 
     update_momentum(model, ema, m=0.5, update_buffers=False)
 
-    for old, new in zip(before, ema.buffers()):
+    for old, new in zip(before, ema.buffers(), strict=True):
         assert torch.equal(old, new)
 
 
