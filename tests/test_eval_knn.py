@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.utils.benchmarking import knn_predict
+
+from lightly_msn.eval.knn import KNNClassifier
+
+
+def _clustered_features(
+    num: int, num_classes: int = 6, dim: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    labels = torch.randint(0, num_classes, (num,), generator=generator)
+    features = centres[labels] + 1.5 * torch.randn(num, dim, generator=generator)
+    return features, labels
+
+
+def _brute_force_scores(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+) -> torch.Tensor:
+    """Class vote weights by a plain double loop over queries and neighbours."""
+    similarities = (
+        F.normalize(queries, dim=1).double() @ F.normalize(bank, dim=1).T.double()
+    )
+    scores = torch.zeros(len(queries), num_classes, dtype=torch.float64)
+    for row in range(len(queries)):
+        order = sorted(range(len(bank)), key=lambda j: -similarities[row, j].item())
+        for j in order[:k]:
+            scores[row, bank_labels[j]] += torch.exp(similarities[row, j] / temperature)
+    return scores
+
+
+def test_predictions_equal_brute_force_reference_for_every_k() -> None:
+    bank, bank_labels = _clustered_features(300)
+    queries, _ = _clustered_features(40, seed=1)
+    classifier = KNNClassifier(ks=(1, 7, 50), temperature=0.07).fit(bank, bank_labels)
+    predictions = classifier.predict(queries)
+    for k in (1, 7, 50):
+        scores = _brute_force_scores(queries, bank, bank_labels, k, 0.07, 6)
+        expected_top1 = scores.argmax(dim=1)
+        assert torch.equal(predictions[k][:, 0], expected_top1), k
+        # the full ranking over the classes that received votes
+        for row in range(len(queries)):
+            voted = int((scores[row] > 0).sum())
+            expected = torch.argsort(scores[row], descending=True)[: min(voted, 5)]
+            assert torch.equal(predictions[k][row, : len(expected)], expected)
+        assert predictions[k].shape == (40, 5)
+
+
+def test_predictions_equal_lightly_knn_predict() -> None:
+    bank, bank_labels = _clustered_features(500, num_classes=10, dim=32)
+    queries, _ = _clustered_features(64, num_classes=10, dim=32, seed=2)
+    classifier = KNNClassifier(ks=(20, 200), temperature=0.1).fit(bank, bank_labels)
+    ours = classifier.predict(queries)
+    bank_t = F.normalize(bank, dim=1).T.contiguous()
+    normalized_queries = F.normalize(queries, dim=1)
+    for k in (20, 200):
+        lightly_ranked = knn_predict(
+            normalized_queries, bank_t, bank_labels, 10, knn_k=k, knn_t=0.1
+        )
+        assert torch.equal(ours[k][:, 0], lightly_ranked[:, 0])
+        # beyond top-1 lightly's argsort orders classes without votes arbitrarily:
+        # compare the classes that received votes
+        votes = _brute_force_scores(queries, bank, bank_labels, k, 0.1, 10) > 0
+        for row in range(len(queries)):
+            voted = min(int(votes[row].sum()), 5)
+            assert torch.equal(ours[k][row, :voted], lightly_ranked[row, :voted])
+
+
+def test_score_reports_top1_top5_per_k_and_ties_go_to_smaller_class() -> None:
+    bank = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    bank_labels = torch.tensor([2, 1, 0])
+    classifier = KNNClassifier(ks=(2, 3)).fit(bank, bank_labels)
+    queries = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    ranked = classifier.predict(queries)
+    # query 0: two equal-weight votes for classes 2 and 1 -> tie -> class 1 first
+    assert ranked[2][0, :2].tolist() == [1, 2]
+    assert ranked[2].shape == (2, 3)  # only three classes exist
+    scores = classifier.score(queries, torch.tensor([2, 0]))
+    assert scores["knn_top1@2"] == pytest.approx(50.0)
+    assert scores["knn_top5@2"] == pytest.approx(100.0)
+    assert set(scores) == {"knn_top1@2", "knn_top5@2", "knn_top1@3", "knn_top5@3"}
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    bank, labels = _clustered_features(20)
+    with pytest.raises(ValueError, match="same length"):
+        KNNClassifier(ks=(5,)).fit(bank, labels[:-1])
+    with pytest.raises(ValueError, match="larger than the 20 train features"):
+        KNNClassifier(ks=(21,)).fit(bank, labels)
+    nan_bank = bank.clone()
+    nan_bank[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf values in 1 of 20 rows"):
+        KNNClassifier(ks=(5,)).fit(nan_bank, labels)
+    classifier = KNNClassifier(ks=(5,)).fit(bank, labels)
+    with pytest.raises(ValueError, match="empty"):
+        classifier.score(torch.empty(0, 16), torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="dimension 8"):
+        classifier.predict(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="ks must be"):
+        KNNClassifier(ks=())
+    with pytest.raises(RuntimeError, match="call fit"):
+        KNNClassifier().predict(bank)
