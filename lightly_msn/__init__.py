@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "WarmupCosineSchedule": "lightly_msn.schedules",
     "CosineSchedule": "lightly_msn.schedules",
     "LinearSchedule": "lightly_msn.schedules",
+    "MSNSchedules": "lightly_msn.schedules",
     "MSNTransform": "lightly_msn.transforms",
     "MSNViewTransform": "lightly_msn.transforms",
     "MSN": "lightly_msn.model",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lightly_msn.schedules import (
         CosineSchedule,
         LinearSchedule,
+        MSNSchedules,
         WarmupCosineSchedule,
         cosine_schedule,
     )
