@@ -57,7 +57,25 @@ def _half_cosine(progress: float) -> float:
 
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class _RampSchedule:
+    """Fields and checks shared by the linear and cosine schedules."""
+
+    max_steps: int
+    start_value: float
+    end_value: float
+    ipe_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_common(type(self).__name__, self.max_steps, self.ipe_scale)
+
+    @property
+    def horizon(self) -> int:
+        """Last step of the schedule, ``int(ipe_scale * max_steps)`` as in [1]."""
+        return max(1, int(self.ipe_scale * self.max_steps))
+
+
+@dataclass(frozen=True)
+class LinearSchedule(_RampSchedule):
     """Linear ramp from ``start_value`` to ``end_value`` over ``ipe_scale * max_steps``.
 
     The official EMA momentum (0.996 -> 1.0) and sharpening temperature schedules.
@@ -69,14 +87,6 @@ class LinearSchedule:
         ipe_scale: Stretch of the schedule; 1.25 in the official code.
     """
 
-    max_steps: int
-    start_value: float
-    end_value: float
-    ipe_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_common("LinearSchedule", self.max_steps, self.ipe_scale)
-
     def __call__(self, step: int) -> float:
         _check_step("LinearSchedule", step)
         progress = min(step / (self.ipe_scale * self.max_steps), 1.0)
@@ -84,7 +94,7 @@ class LinearSchedule:
 
 
 @dataclass(frozen=True)
-class CosineSchedule:
+class CosineSchedule(_RampSchedule):
     """Half-cosine from ``start_value`` to ``end_value`` over ``ipe_scale * max_steps``.
 
     The official weight decay schedule (``CosineWDSchedule``: 0.04 -> 0.4); the
@@ -96,18 +106,6 @@ class CosineSchedule:
         end_value: Value at the horizon and after.
         ipe_scale: Stretch of the schedule; 1.25 in the official code.
     """
-
-    max_steps: int
-    start_value: float
-    end_value: float
-    ipe_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_common("CosineSchedule", self.max_steps, self.ipe_scale)
-
-    @property
-    def horizon(self) -> int:
-        return max(1, int(self.ipe_scale * self.max_steps))
 
     def __call__(self, step: int) -> float:
         _check_step("CosineSchedule", step)
