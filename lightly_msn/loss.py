@@ -1,0 +1,662 @@
+"""The MSN loss: cross-entropy to sharpened targets plus mean-entropy regularisation.
+
+A drop-in replacement for ``lightly.loss.MSNLoss`` with the same constructor and
+forward signature. It computes the same quantity as lightly's and the official
+implementation [1], but in the log domain and without materialising the repeated
+targets, so it stays finite at low temperatures and in bfloat16/float16, uses less
+than half the memory and runs faster (see ``docs/loss.md`` for measurements).
+
+The objective of [0] (Sec. 3, "Similarity Metric and Predictions" and "Training
+Objective") for ``B`` targets with ``M`` anchor views each, ``K`` prototypes ``q``,
+temperature ``tau`` and sharpening temperature ``T``::
+
+    p_{i,m} = softmax(<z_{i,m}, q> / tau)            # anchor predictions
+    p_i^+   = sharpen(softmax(<z_i^+, q> / tau), T)  # targets, no gradient
+    loss    = 1/(M B) sum_{i,m} H(p_i^+, p_{i,m}) - lambda H(mean_{i,m} p_{i,m})
+
+with ``sharpen(p, T)_k = p_k^(1/T) / sum_j p_j^(1/T)``, which is the same as
+``softmax(<z_i^+, q> / (tau T))``: this identity is how the targets are computed
+here. The ``- lambda H(mean p)`` term (ME-MAX) is written as ``lambda KL(mean p ||
+uniform)``, which differs from it only by the constant ``lambda log K``; lightly and
+the official code add that constant too, so the values agree.
+
+- [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+- [1]: https://github.com/facebookresearch/msn
+- [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightly_msn import distributed
+
+TargetDistribution = Literal["uniform", "power_law"] | Tensor
+
+
+def prototype_probabilities(
+    queries: Tensor,
+    prototypes: Tensor,
+    temperature: float,
+) -> Tensor:
+    """Returns the probability of each query to belong to each prototype.
+
+    This is the prediction ``softmax(<z, q> / tau)`` of [0], Sec. 3. Queries and
+    prototypes are used as given; the loss L2-normalises them first.
+
+    - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+
+    Args:
+        queries:
+            Tensor with shape (batch_size, dim).
+        prototypes:
+            Tensor with shape (num_prototypes, dim).
+        temperature:
+            Inverse scaling factor for the similarities, in (0, inf).
+
+    Returns:
+        Probability tensor with shape (batch_size, num_prototypes) that sums to 1
+        along the prototype dimension.
+
+    Raises:
+        ValueError: If the temperature is not positive.
+    """
+    _check_positive(temperature, "temperature")
+    return F.softmax(torch.matmul(queries, prototypes.T) / temperature, dim=1)
+
+
+def sharpen(probabilities: Tensor, temperature: float) -> Tensor:
+    """Sharpens probabilities with the given temperature, as in [0], Sec. 3.
+
+    ``sharpen(p, T)_k = p_k^(1/T) / sum_j p_j^(1/T)``, evaluated in the log domain
+    as ``softmax(log(p) / T)``, so rows whose powers all underflow (small ``T`` or
+    very confident ``p``) still sum to 1 instead of becoming NaN.
+
+    - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+
+    Args:
+        probabilities:
+            Tensor with shape (batch_size, num_prototypes), rows summing to 1.
+        temperature:
+            Temperature in (0, 1]. A lower temperature sharpens more.
+
+    Returns:
+        Sharpened probabilities with shape (batch_size, num_prototypes).
+
+    Raises:
+        ValueError: If the temperature is not positive.
+    """
+    _check_positive(temperature, "temperature")
+    return F.softmax(torch.log(probabilities) / temperature, dim=1)
+
+
+@torch.no_grad()
+def sinkhorn(
+    probabilities: Tensor,
+    iterations: int = 3,
+    gather_distributed: bool = False,
+) -> Tensor:
+    """Runs Sinkhorn normalisation on the target probabilities as in [0] and [1].
+
+    Alternately rescales the probabilities so that every prototype receives the
+    same total mass over the (global) batch and every sample's row sums to 1. The
+    iterations run in the log domain, so prototypes with (numerically) zero mass
+    do not turn the result into NaN.
+
+    - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+    - [1]: https://github.com/facebookresearch/msn
+
+    Args:
+        probabilities:
+            Probabilities tensor with shape (batch_size, num_prototypes).
+        iterations:
+            Number of Sinkhorn iterations. Set to 0 to disable.
+        gather_distributed:
+            If True, the prototype masses are computed over the batches of all
+            ranks.
+
+    Returns:
+        The normalised probabilities, shape (batch_size, num_prototypes), rows
+        summing to 1. With ``iterations <= 0`` the input is returned unchanged.
+    """
+    if iterations <= 0:
+        return probabilities
+    log_probabilities = torch.log(probabilities.float())
+    log_normalized = _log_sinkhorn(log_probabilities, iterations, gather_distributed)
+    return log_normalized.exp().to(probabilities.dtype)
+
+
+def power_law_distribution(
+    size: int, exponent: float, device: torch.device | str | None = None
+) -> Tensor:
+    """Power-law prior of PMSN [2]: entry ``k`` is proportional to ``k^-exponent``.
+
+    Equals lightly's power-law target distribution (``k`` from 1 to ``size``).
+
+    - [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+
+    Args:
+        size:
+            Number of prototypes.
+        exponent:
+            Power-law exponent; 0 gives the uniform distribution.
+        device:
+            Device of the returned tensor.
+
+    Returns:
+        Float32 tensor with shape (size,) summing to 1.
+    """
+    ranks = torch.arange(1, size + 1, dtype=torch.float32, device=device)
+    weights = ranks.pow(-exponent)
+    return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class MSNLossOutput:
+    """Result of :meth:`MSNLoss.compute`.
+
+    Only ``loss`` carries gradient; every other field is a detached scalar tensor
+    on the input's device (no host synchronisation), meant for logging.
+
+    Attributes:
+        loss:
+            The total loss: ``cross_entropy + regularization_weight *
+            regularization + entropy_weight * entropy``.
+        cross_entropy:
+            Mean cross-entropy between targets and anchor predictions.
+        regularization:
+            ``KL(mean anchor prediction || prior)``; for the uniform prior this is
+            the ME-MAX term ``log K - H(mean prediction)``.
+        entropy:
+            Mean entropy of the individual anchor predictions.
+        num_target_prototypes:
+            Number of distinct prototypes that are the argmax of some target
+            (int64). Values far below the number of prototypes indicate collapse.
+            Counted over this rank's targets.
+        max_target_probability:
+            Mean over targets of their largest probability.
+        min_target_probability:
+            Mean over targets of their smallest probability.
+        me_max_entropy:
+            Entropy ``H(mean anchor prediction)`` (over all ranks with
+            ``gather_distributed=True``); ``log K`` is its maximum.
+    """
+
+    loss: Tensor
+    cross_entropy: Tensor
+    regularization: Tensor
+    entropy: Tensor
+    num_target_prototypes: Tensor
+    max_target_probability: Tensor
+    min_target_probability: Tensor
+    me_max_entropy: Tensor
+
+
+class MSNLoss(nn.Module):
+    """Loss function of MSN [0], compatible with ``lightly.loss.MSNLoss``.
+
+    "The overall objective [...] is to minimize the cross-entropy between the
+    anchor predictions and the targets, with a mean entropy maximization (ME-MAX)
+    regularizer" [0]. Compared with lightly's implementation this one:
+
+    - computes the cross-entropy with log-softmax, and the sharpened targets and
+      Sinkhorn iterations in the log domain, in float32 whatever the input dtype:
+      finite loss and gradients at temperature 0.025 and for bfloat16/float16
+      inputs, where ``log(p ** -t)`` under- and overflows;
+    - never repeats the targets for every anchor view and fuses the backward
+      pass, so memory for the targets is O(B K) instead of O(M B K);
+    - with ``gather_distributed=True`` averages the ME-MAX mean prediction over
+      all ranks, as the official code does (lightly averages per rank only), and
+      normalises the targets with Sinkhorn over the global batch;
+    - supports the official per-sample entropy term (``entropy_weight``) and PMSN
+      priors [2] (``target_distribution``): the regulariser is ``KL(mean
+      prediction || prior)``, which for the uniform prior is the ME-MAX term;
+    - returns diagnostics for collapse monitoring from :meth:`compute`.
+
+    - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+    - [1]: https://github.com/facebookresearch/msn
+    - [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+
+    Attributes:
+        temperature:
+            Similarities between anchors and prototypes are divided by it.
+        sinkhorn_iterations:
+            Number of Sinkhorn iterations on the targets.
+        regularization_weight:
+            Weight ``lambda`` of the regulariser (ME-MAX or prior matching).
+        gather_distributed:
+            Whether batch statistics are computed over all ranks.
+        entropy_weight:
+            Weight of the mean per-sample entropy of anchor predictions.
+        power_law_exponent:
+            Exponent of the power-law prior (used if
+            ``target_distribution="power_law"``).
+
+    Examples:
+        >>> loss_fn = MSNLoss()
+        >>> prototypes = MSNPrototypes(num_prototypes=1024, dim=256)
+        >>> anchors_out = model(masked_views)    # (batch_size * views, 256)
+        >>> targets_out = model_ema(images)      # (batch_size, 256)
+        >>> loss = loss_fn(anchors_out, targets_out, prototypes.weight)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        sinkhorn_iterations: int = 3,
+        regularization_weight: float = 1.0,
+        me_max_weight: float | None = None,
+        gather_distributed: bool = False,
+        entropy_weight: float = 0.0,
+        target_distribution: TargetDistribution = "uniform",
+        power_law_exponent: float = 0.25,
+    ) -> None:
+        """Initialises the loss.
+
+        Args:
+            temperature:
+                Similarities between anchors and prototypes are divided by the
+                temperature. Must be in (0, inf).
+            sinkhorn_iterations:
+                Number of Sinkhorn iterations on the targets; 0 disables them.
+            regularization_weight:
+                Weight of the regulariser; 0 disables it. Must be >= 0.
+            me_max_weight:
+                Deprecated, use ``regularization_weight``. Takes precedence over
+                ``regularization_weight`` if not None (as in lightly 1.5).
+            gather_distributed:
+                If True, the ME-MAX mean prediction and the Sinkhorn normalisation
+                use the batches of all ranks.
+            entropy_weight:
+                Weight of the mean entropy of the individual anchor predictions
+                (official ``ent_weight`` with ``use_ent``); 0 disables it.
+            target_distribution:
+                Prior of the regulariser: ``"uniform"`` (ME-MAX of [0]),
+                ``"power_law"`` (PMSN [2]) or a tensor of shape (num_prototypes,)
+                with positive entries summing to 1.
+            power_law_exponent:
+                Exponent of the power-law prior; entry ``k`` (from 1) of the prior
+                is proportional to ``k^-power_law_exponent``.
+
+        Raises:
+            ValueError: If an argument is out of range, or ``gather_distributed``
+                is requested without ``torch.distributed`` support.
+        """
+        super().__init__()
+        _check_positive(temperature, "temperature")
+        if sinkhorn_iterations < 0:
+            raise ValueError(
+                f"sinkhorn_iterations must be >= 0 but is {sinkhorn_iterations}."
+            )
+        if me_max_weight is not None:
+            warnings.warn(
+                "me_max_weight is deprecated in favor of regularization_weight and "
+                "will be removed in the future.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            regularization_weight = me_max_weight
+        _check_non_negative(regularization_weight, "regularization_weight")
+        _check_non_negative(entropy_weight, "entropy_weight")
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. "
+                "Set gather_distributed=False or install torch with distributed "
+                "support."
+            )
+        self.temperature = temperature
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.regularization_weight = regularization_weight
+        self.gather_distributed = gather_distributed
+        self.entropy_weight = entropy_weight
+        self.power_law_exponent = power_law_exponent
+        self.target_distribution: Literal["uniform", "power_law", "tensor"]
+        self.target_prior: Tensor | None
+        if isinstance(target_distribution, Tensor):
+            _check_prior(target_distribution)
+            self.target_distribution = "tensor"
+            self.register_buffer(
+                "target_prior", target_distribution.detach().float(), persistent=False
+            )
+        elif target_distribution in ("uniform", "power_law"):
+            self.target_distribution = target_distribution
+            self.target_prior = None
+        else:
+            raise ValueError(
+                "target_distribution must be 'uniform', 'power_law' or a tensor of "
+                f"probabilities, but is {target_distribution!r}."
+            )
+
+    def forward(
+        self,
+        anchors: Tensor,
+        targets: Tensor,
+        prototypes: Tensor,
+        target_sharpen_temperature: float = 0.25,
+    ) -> Tensor:
+        """Computes the MSN loss; see :meth:`compute` for the arguments.
+
+        Returns:
+            The scalar loss (float32), averaged over all anchors.
+        """
+        return self.compute(
+            anchors, targets, prototypes, target_sharpen_temperature
+        ).loss
+
+    def compute(
+        self,
+        anchors: Tensor,
+        targets: Tensor,
+        prototypes: Tensor,
+        target_sharpen_temperature: float = 0.25,
+    ) -> MSNLossOutput:
+        """Computes the MSN loss together with its terms and diagnostics.
+
+        Args:
+            anchors:
+                Anchor (masked view) embeddings with shape (batch_size *
+                anchor_views, dim), ordered view-major: rows ``v * batch_size + i``
+                belong to target ``i`` (``torch.cat`` of the per-view batches).
+            targets:
+                Target embeddings with shape (batch_size, dim). No gradient flows
+                into them.
+            prototypes:
+                Prototypes with shape (num_prototypes, dim). Pass the learnable
+                weight itself (not ``.data``) so that the prototypes are trained.
+            target_sharpen_temperature:
+                Temperature ``T`` used to sharpen the targets, in (0, inf).
+
+        Returns:
+            An :class:`MSNLossOutput` whose ``loss`` has gradient.
+
+        Raises:
+            ValueError: If the shapes do not fit together, an input is not
+                finite, or ``target_sharpen_temperature`` is not positive.
+        """
+        _check_inputs(anchors, targets, prototypes)
+        _check_positive(target_sharpen_temperature, "target_sharpen_temperature")
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            anchors = F.normalize(anchors.float(), dim=1)
+            targets = F.normalize(targets.detach().float(), dim=1)
+            prototypes = F.normalize(prototypes.float(), dim=1)
+            log_targets = self._log_target_probabilities(
+                targets, prototypes.detach(), target_sharpen_temperature
+            )
+            target_probabilities = log_targets.exp()
+            log_prior = self._log_prior(prototypes.shape[0], prototypes.device)
+            loss, cross_entropy, regularization, entropy, mean_prediction = (
+                _AnchorLoss.apply(
+                    anchors,
+                    prototypes,
+                    target_probabilities,
+                    log_prior,
+                    1.0 / self.temperature,
+                    self.regularization_weight,
+                    self.entropy_weight,
+                    self.gather_distributed,
+                )
+            )
+            return MSNLossOutput(
+                loss=loss,
+                cross_entropy=cross_entropy,
+                regularization=regularization,
+                entropy=entropy,
+                me_max_entropy=-torch.xlogy(mean_prediction, mean_prediction).sum(),
+                **_target_diagnostics(log_targets, target_probabilities),
+            )
+
+    def _log_target_probabilities(
+        self, targets: Tensor, prototypes: Tensor, sharpen_temperature: float
+    ) -> Tensor:
+        # sharpen(softmax(s / tau), T) == softmax(s / (tau * T)): one log-softmax
+        logits = targets @ prototypes.T / (self.temperature * sharpen_temperature)
+        log_targets = torch.log_softmax(logits, dim=1)
+        return _log_sinkhorn(
+            log_targets, self.sinkhorn_iterations, self.gather_distributed
+        )
+
+    def _log_prior(self, num_prototypes: int, device: torch.device) -> Tensor:
+        if self.target_distribution == "uniform":
+            return torch.full(
+                (num_prototypes,), -math.log(num_prototypes), device=device
+            )
+        if self.target_distribution == "power_law":
+            prior = power_law_distribution(
+                num_prototypes, self.power_law_exponent, device=device
+            )
+            return prior.log()
+        assert self.target_prior is not None
+        if self.target_prior.shape[0] != num_prototypes:
+            raise ValueError(
+                f"target_distribution has {self.target_prior.shape[0]} entries but "
+                f"there are {num_prototypes} prototypes."
+            )
+        return self.target_prior.to(device).log()
+
+
+class _AnchorLoss(torch.autograd.Function):
+    """Anchor part of the loss with a hand-written backward pass.
+
+    Keeps only the anchor probabilities ``P`` (N x K) for the backward pass and
+    builds the logit gradient in one buffer, instead of the several N x K
+    intermediates that autograd would keep. With ``s_n`` the target mass of row
+    ``n`` (1 up to rounding), ``g = log(mean P) - log(prior)`` and ``h_n`` the
+    entropy of row ``n``, the gradient with respect to the logits is::
+
+        N dL/dz_n = P_n (s_n + lambda (g - <P_n, g>))       # cross-entropy, KL
+                    - t_n                                    # cross-entropy
+                    - epsilon (P_n log P_n + h_n P_n)        # entropy
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        anchors: Tensor,
+        prototypes: Tensor,
+        targets: Tensor,
+        log_prior: Tensor,
+        inverse_temperature: float,
+        regularization_weight: float,
+        entropy_weight: float,
+        gather_distributed: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        num_anchors = anchors.shape[0]
+        batch_size, num_prototypes = targets.shape
+        num_views = num_anchors // batch_size
+        logits = torch.mm(anchors, prototypes.T).mul_(inverse_temperature)
+        log_probabilities = torch.log_softmax(logits, dim=1)
+        del logits
+        # the targets are shared by all views: sum the views first, O(B K) memory
+        summed_views = log_probabilities.view(num_views, -1).sum(dim=0)
+        cross_entropy = -torch.dot(summed_views, targets.view(-1)) / num_anchors
+        row_entropy = torch.zeros(0, device=anchors.device)
+        if entropy_weight > 0:
+            row_entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1)
+        probabilities = log_probabilities.exp_()
+        mean_prediction = distributed.all_reduce_mean(
+            probabilities.mean(dim=0), gather_distributed
+        )
+        regularization = torch.xlogy(
+            mean_prediction, mean_prediction
+        ).sum() - torch.dot(mean_prediction, log_prior)
+        entropy = (
+            row_entropy.mean() if entropy_weight > 0 else regularization.new_zeros(())
+        )
+        loss = (
+            cross_entropy
+            + regularization_weight * regularization
+            + entropy_weight * entropy
+        )
+        # zero-mass prototypes: P is 0 there, the clamp only avoids 0 * -inf
+        log_ratio = mean_prediction.clamp_min(torch.finfo(torch.float32).tiny).log()
+        ctx.save_for_backward(
+            anchors,
+            prototypes,
+            targets,
+            probabilities,
+            log_ratio - log_prior,
+            row_entropy,
+        )
+        ctx.inverse_temperature = inverse_temperature
+        ctx.regularization_weight = regularization_weight
+        ctx.entropy_weight = entropy_weight
+        ctx.mark_non_differentiable(
+            cross_entropy, regularization, entropy, mean_prediction
+        )
+        return (
+            loss,
+            cross_entropy,
+            regularization,
+            entropy,
+            mean_prediction,
+        )
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: Tensor, *unused_grads: Any
+    ) -> tuple[Tensor | None, ...]:
+        anchors, prototypes, targets, probabilities, log_ratio, row_entropy = (
+            ctx.saved_tensors
+        )
+        num_anchors = anchors.shape[0]
+        batch_size = targets.shape[0]
+        num_views = num_anchors // batch_size
+        weight = ctx.regularization_weight
+        target_mass = targets.sum(dim=1).repeat(num_views)
+        row_offset = weight * (probabilities @ log_ratio) - target_mass
+        if ctx.entropy_weight > 0:
+            row_offset = row_offset + ctx.entropy_weight * row_entropy
+        grad_logits = torch.sub(weight * log_ratio, row_offset[:, None])
+        grad_logits.mul_(probabilities)
+        if ctx.entropy_weight > 0:
+            grad_logits.sub_(
+                torch.xlogy(probabilities, probabilities), alpha=ctx.entropy_weight
+            )
+        grad_logits.view(num_views, batch_size, -1).sub_(targets)
+        scale = grad_loss * ctx.inverse_temperature / num_anchors
+        grad_anchors = grad_prototypes = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = torch.mm(grad_logits, prototypes).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_prototypes = torch.mm(grad_logits.T, anchors).mul_(scale)
+        return grad_anchors, grad_prototypes, None, None, None, None, None, None
+
+
+def _log_sinkhorn(
+    log_probabilities: Tensor, iterations: int, gather_distributed: bool
+) -> Tensor:
+    """Sinkhorn-Knopp in the log domain; rows of the result are log-distributions.
+
+    Lightly's and the official implementation also rescale by the batch size and
+    number of prototypes; these constants cancel in the next normalisation and in
+    the final one, so only the two alternating normalisations are kept here.
+    """
+    with torch.no_grad():
+        for _ in range(iterations):
+            # each prototype gets the same total mass over the global batch
+            column = distributed.logsumexp_over_ranks(
+                log_probabilities, dim=0, gather_distributed=gather_distributed
+            )
+            log_probabilities = log_probabilities - _finite_or_zero(column)
+            # each sample is a probability distribution
+            row = torch.logsumexp(log_probabilities, dim=1, keepdim=True)
+            log_probabilities = log_probabilities - _finite_or_zero(row)
+    return log_probabilities
+
+
+def _finite_or_zero(log_normalizer: Tensor) -> Tensor:
+    # an all-zero column has log-normaliser -inf: leave its zeros untouched
+    return torch.where(torch.isfinite(log_normalizer), log_normalizer, 0.0)
+
+
+def _target_diagnostics(
+    log_targets: Tensor, target_probabilities: Tensor
+) -> dict[str, Tensor]:
+    with torch.no_grad():
+        winners = log_targets.argmax(dim=1)
+        used = torch.zeros(
+            log_targets.shape[1], dtype=torch.bool, device=log_targets.device
+        )
+        used.index_fill_(0, winners, True)
+        return {
+            "num_target_prototypes": used.sum(),
+            "max_target_probability": target_probabilities.amax(dim=1).mean(),
+            "min_target_probability": target_probabilities.amin(dim=1).mean(),
+        }
+
+
+def _check_inputs(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
+    for name, tensor in (
+        ("anchors", anchors),
+        ("targets", targets),
+        ("prototypes", prototypes),
+    ):
+        if tensor.dim() != 2:
+            raise ValueError(
+                f"{name} must have shape (num_rows, dim) but has shape "
+                f"{tuple(tensor.shape)}."
+            )
+        if tensor.shape[0] == 0:
+            raise ValueError(f"{name} must not be empty.")
+    if anchors.shape[0] % targets.shape[0] != 0:
+        raise ValueError(
+            f"The number of anchors ({anchors.shape[0]}) must be a multiple of the "
+            f"number of targets ({targets.shape[0]}): anchors hold "
+            "batch_size * anchor_views rows."
+        )
+    dims = {
+        "anchors": anchors.shape[1],
+        "targets": targets.shape[1],
+        "prototypes": prototypes.shape[1],
+    }
+    if len(set(dims.values())) != 1:
+        raise ValueError(
+            "anchors, targets and prototypes must have the same embedding "
+            f"dimension, but have {dims}."
+        )
+    all_finite = (
+        torch.isfinite(anchors).all()
+        & torch.isfinite(targets).all()
+        & torch.isfinite(prototypes).all()
+    )
+    if not bool(all_finite):  # one host synchronisation for all three inputs
+        bad = [
+            name
+            for name, tensor in (
+                ("anchors", anchors),
+                ("targets", targets),
+                ("prototypes", prototypes),
+            )
+            if not bool(torch.isfinite(tensor).all())
+        ]
+        raise ValueError(f"Non-finite values (NaN or inf) in {', '.join(bad)}.")
+
+
+def _check_prior(prior: Tensor) -> None:
+    if prior.dim() != 1 or prior.shape[0] == 0:
+        raise ValueError(
+            "target_distribution tensor must have shape (num_prototypes,) but has "
+            f"shape {tuple(prior.shape)}."
+        )
+    if not bool((prior > 0).all()) or not bool(torch.isfinite(prior).all()):
+        raise ValueError("target_distribution entries must be finite and > 0.")
+    total = float(prior.double().sum())
+    if abs(total - 1.0) > 1e-4:
+        raise ValueError(f"target_distribution must sum to 1 but sums to {total}.")
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be in (0, inf) but is {value}.")
+
+
+def _check_non_negative(value: float, name: str) -> None:
+    if not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be in [0, inf) but is {value}.")

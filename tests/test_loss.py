@@ -1,0 +1,401 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import MSNLoss as LightlyMSNLoss
+from lightly.loss import msn_loss as lightly_msn_loss
+from torch import Tensor
+
+from lightly_msn.loss import (
+    MSNLoss,
+    MSNLossOutput,
+    power_law_distribution,
+    prototype_probabilities,
+    sharpen,
+    sinkhorn,
+)
+
+
+def reference_loss(
+    anchors: Tensor,
+    targets: Tensor,
+    prototypes: Tensor,
+    temperature: float = 0.1,
+    sharpen_temperature: float = 0.25,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: float = 1.0,
+    entropy_weight: float = 0.0,
+    prior: Tensor | None = None,
+) -> Tensor:
+    """The paper's formula evaluated literally in float64 (powers, no log domain)."""
+    anchors, targets, prototypes = (
+        F.normalize(x.double(), dim=1) for x in (anchors, targets, prototypes)
+    )
+    num_prototypes = prototypes.shape[0]
+    num_views = anchors.shape[0] // targets.shape[0]
+    predictions = torch.softmax(anchors @ prototypes.T / temperature, dim=1)
+    with torch.no_grad():
+        target_probs = torch.softmax(targets @ prototypes.T / temperature, dim=1)
+        target_probs = target_probs ** (1 / sharpen_temperature)
+        target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
+        for _ in range(sinkhorn_iterations):
+            target_probs = target_probs / target_probs.sum(dim=0, keepdim=True)
+            target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
+    target_rows = torch.cat([target_probs] * num_views)
+    cross_entropy = -(target_rows * predictions.log()).sum(dim=1).mean()
+    mean_prediction = predictions.mean(dim=0)
+    if prior is None:
+        prior = torch.full((num_prototypes,), 1 / num_prototypes)
+    kl = (mean_prediction * (mean_prediction / prior.double()).log()).sum()
+    entropy = -(predictions * predictions.log()).sum(dim=1).mean()
+    return cross_entropy + regularization_weight * kl + entropy_weight * entropy
+
+
+def random_inputs(
+    batch_size: int, views: int, prototypes: int, dim: int, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(batch_size * views, dim, generator=generator)
+    targets = torch.randn(batch_size, dim, generator=generator)
+    weights = torch.randn(prototypes, dim, generator=generator)
+    return anchors.requires_grad_(), targets, weights.requires_grad_()
+
+
+def clustered_inputs(
+    batch_size: int = 64, views: int = 4, prototypes: int = 128, dim: int = 32
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Confident inputs: every embedding lies close to one of 8 prototypes."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(prototypes, dim, generator=generator)
+    cluster = torch.randint(8, (batch_size,), generator=generator)
+    targets = weights[cluster] + 0.05 * torch.randn(
+        batch_size, dim, generator=generator
+    )
+    anchors = torch.cat(
+        [
+            targets + 0.05 * torch.randn(batch_size, dim, generator=generator)
+            for _ in range(views)
+        ]
+    )
+    return anchors.requires_grad_(), targets, weights.requires_grad_()
+
+
+def loss_and_grads(loss_fn, anchors, targets, prototypes, **kwargs):
+    loss = loss_fn(anchors, targets, prototypes, **kwargs)
+    grad_anchors, grad_prototypes = torch.autograd.grad(loss, [anchors, prototypes])
+    return loss, grad_anchors, grad_prototypes
+
+
+@pytest.mark.parametrize(
+    "batch_size, views, prototypes, dim, temperature, sinkhorn_iterations, "
+    "regularization_weight, sharpen_temperature",
+    [
+        (8, 1, 16, 4, 0.1, 3, 1.0, 0.25),
+        (16, 11, 64, 32, 0.1, 3, 1.0, 0.25),
+        (32, 3, 100, 16, 0.05, 0, 1.0, 0.25),
+        (12, 2, 40, 8, 0.5, 5, 3.0, 0.5),
+        (10, 4, 30, 8, 0.1, 1, 0.0, 1.0),
+    ],
+)
+def test_matches_lightly_loss_and_gradients(
+    batch_size: int,
+    views: int,
+    prototypes: int,
+    dim: int,
+    temperature: float,
+    sinkhorn_iterations: int,
+    regularization_weight: float,
+    sharpen_temperature: float,
+) -> None:
+    inputs = random_inputs(batch_size, views, prototypes, dim)
+    kwargs = dict(
+        temperature=temperature,
+        sinkhorn_iterations=sinkhorn_iterations,
+        regularization_weight=regularization_weight,
+    )
+    expected = loss_and_grads(
+        LightlyMSNLoss(**kwargs),
+        *inputs,
+        target_sharpen_temperature=sharpen_temperature,
+    )
+    actual = loss_and_grads(
+        MSNLoss(**kwargs), *inputs, target_sharpen_temperature=sharpen_temperature
+    )
+    for ours, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "entropy_weight, prior_name",
+    [(0.0, "uniform"), (0.5, "uniform"), (0.0, "power_law"), (0.3, "tensor")],
+)
+def test_matches_float64_reference_with_entropy_and_priors(
+    entropy_weight: float, prior_name: str
+) -> None:
+    anchors, targets, prototypes = random_inputs(12, 3, 20, 8, seed=3)
+    if prior_name == "tensor":
+        prior = torch.rand(20, generator=torch.Generator().manual_seed(4)) + 0.1
+        prior = prior / prior.sum()
+        loss_fn = MSNLoss(entropy_weight=entropy_weight, target_distribution=prior)
+    elif prior_name == "power_law":
+        prior = (1.0 / torch.arange(1, 21, dtype=torch.float64)) ** 0.25
+        prior = prior / prior.sum()
+        loss_fn = MSNLoss(
+            entropy_weight=entropy_weight, target_distribution="power_law"
+        )
+    else:
+        prior = None
+        loss_fn = MSNLoss(entropy_weight=entropy_weight)
+    expected = loss_and_grads(
+        lambda a, t, p: reference_loss(
+            a, t, p, entropy_weight=entropy_weight, prior=prior
+        ),
+        anchors,
+        targets,
+        prototypes,
+    )
+    actual = loss_and_grads(loss_fn, anchors, targets, prototypes)
+    for ours, reference in zip(actual, expected, strict=True):
+        torch.testing.assert_close(
+            ours.double(), reference.double(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_loss_terms_add_up_and_diagnostics_match_official_definitions() -> None:
+    anchors, targets, prototypes = random_inputs(16, 3, 24, 8, seed=5)
+    loss_fn = MSNLoss(regularization_weight=2.0, entropy_weight=0.5)
+    output = loss_fn.compute(anchors, targets, prototypes)
+    assert isinstance(output, MSNLossOutput)
+    torch.testing.assert_close(
+        output.loss,
+        output.cross_entropy + 2.0 * output.regularization + 0.5 * output.entropy,
+    )
+    torch.testing.assert_close(
+        output.loss, loss_fn(anchors, targets, prototypes), rtol=0, atol=0
+    )
+    # ME-MAX: KL(mean || uniform) == log K - H(mean)
+    torch.testing.assert_close(
+        output.regularization, math.log(24) - output.me_max_entropy
+    )
+
+    # targets as lightly computes them, diagnostics as the official code logs them
+    normalized = [F.normalize(x.detach(), dim=1) for x in (targets, prototypes)]
+    target_probs = lightly_msn_loss.sinkhorn(
+        lightly_msn_loss.sharpen(
+            lightly_msn_loss.prototype_probabilities(*normalized, temperature=0.1),
+            temperature=0.25,
+        )
+    )
+    assert output.num_target_prototypes.item() == len(
+        set(target_probs.argmax(dim=1).tolist())
+    )
+    torch.testing.assert_close(
+        output.max_target_probability, target_probs.max(dim=1).values.mean()
+    )
+    torch.testing.assert_close(
+        output.min_target_probability, target_probs.min(dim=1).values.mean()
+    )
+    for field in (
+        "cross_entropy",
+        "regularization",
+        "entropy",
+        "num_target_prototypes",
+        "max_target_probability",
+        "min_target_probability",
+        "me_max_entropy",
+    ):
+        value = getattr(output, field)
+        assert value.dim() == 0 and not value.requires_grad, field
+
+
+def test_collapsed_targets_are_counted_as_one_prototype() -> None:
+    anchors, _, prototypes = random_inputs(8, 2, 16, 4)
+    targets = prototypes[3].detach().expand(8, 4).clone()
+    output = MSNLoss(sinkhorn_iterations=0).compute(anchors, targets, prototypes)
+    assert output.num_target_prototypes.item() == 1
+
+
+@pytest.mark.parametrize("temperature", [0.03, 0.025])
+def test_finite_at_low_temperature_where_lightly_is_not(temperature: float) -> None:
+    anchors, targets, prototypes = clustered_inputs()
+    lightly_loss = LightlyMSNLoss(temperature=temperature)(anchors, targets, prototypes)
+    assert not torch.isfinite(lightly_loss)
+
+    ours = loss_and_grads(
+        MSNLoss(temperature=temperature), anchors, targets, prototypes
+    )
+    reference = loss_and_grads(
+        lambda a, t, p: reference_loss(a, t, p, temperature=temperature),
+        anchors,
+        targets,
+        prototypes,
+    )
+    for value, expected in zip(ours, reference, strict=True):
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(
+            value.double(), expected.double(), rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
+    anchors, targets, prototypes = random_inputs(32, 4, 64, 16)
+    low = [
+        x.detach().to(dtype).requires_grad_(x.requires_grad)
+        for x in (anchors, targets, prototypes)
+    ]
+    loss, grad_anchors, grad_prototypes = loss_and_grads(MSNLoss(), *low)
+    assert loss.dtype == torch.float32
+    assert grad_anchors.dtype == dtype and grad_prototypes.dtype == dtype
+    assert torch.isfinite(grad_anchors).all() and torch.isfinite(grad_prototypes).all()
+    # same value as float32 on the rounded inputs: no precision lost inside
+    rounded = [x.detach().float().requires_grad_() for x in low]
+    expected = loss_and_grads(MSNLoss(), rounded[0], rounded[1], rounded[2])
+    torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-6)
+
+    lightly_low = [x.detach().requires_grad_(x.requires_grad) for x in low]
+    lightly_loss, lightly_grad, _ = loss_and_grads(LightlyMSNLoss(), *lightly_low)
+    if dtype == torch.float16:  # lightly's p ** -t overflows in half precision
+        assert not torch.isfinite(lightly_grad).all()
+    else:  # finite but computed in bfloat16: off in the second digit
+        assert abs(lightly_loss.float() - expected[0]) > 1e-2
+
+
+def test_autocast_keeps_the_loss_in_float32() -> None:
+    anchors, targets, prototypes = random_inputs(8, 2, 16, 8)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = MSNLoss()(anchors, targets, prototypes)
+    torch.testing.assert_close(loss, MSNLoss()(anchors, targets, prototypes))
+
+
+def test_prototypes_passed_with_gradient_are_trained() -> None:
+    anchors, targets, prototypes = random_inputs(8, 2, 16, 8)
+    optimizer = torch.optim.SGD([prototypes], lr=0.1)
+    before = prototypes.detach().clone()
+    MSNLoss()(anchors, targets, prototypes).backward()
+    optimizer.step()
+    assert not torch.equal(before, prototypes.detach())
+
+
+def test_gradients_do_not_flow_into_targets() -> None:
+    anchors, targets, prototypes = random_inputs(8, 2, 16, 8)
+    targets.requires_grad_()
+    MSNLoss()(anchors, targets, prototypes).backward()
+    assert targets.grad is None
+
+
+def test_module_functions_match_lightly() -> None:
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(10, 6, generator=generator)
+    prototypes = torch.randn(7, 6, generator=generator)
+    probabilities = prototype_probabilities(queries, prototypes, temperature=0.2)
+    torch.testing.assert_close(
+        probabilities,
+        lightly_msn_loss.prototype_probabilities(queries, prototypes, 0.2),
+    )
+    torch.testing.assert_close(
+        sharpen(probabilities, 0.25), lightly_msn_loss.sharpen(probabilities, 0.25)
+    )
+    torch.testing.assert_close(
+        sinkhorn(probabilities, iterations=4),
+        lightly_msn_loss.sinkhorn(probabilities, iterations=4),
+    )
+    assert sinkhorn(probabilities, iterations=0) is probabilities
+
+
+def test_sinkhorn_balances_prototypes_and_survives_empty_ones() -> None:
+    probabilities = torch.softmax(
+        torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    balanced = sinkhorn(probabilities, iterations=50)
+    torch.testing.assert_close(balanced.sum(dim=1), torch.ones(12))
+    torch.testing.assert_close(balanced.sum(dim=0), torch.full((4,), 3.0))
+
+    with_empty = torch.cat([probabilities, torch.zeros(12, 1)], dim=1)
+    assert torch.isnan(lightly_msn_loss.sinkhorn(with_empty)).any()
+    ours = sinkhorn(with_empty)
+    assert torch.isfinite(ours).all()
+    assert torch.equal(ours[:, -1], torch.zeros(12))
+
+
+def test_sharpen_is_finite_where_powers_underflow() -> None:
+    probabilities = torch.tensor([[1e-30, 2e-30, 1.0 - 3e-30], [0.5, 0.25, 0.25]])
+    probabilities[0] = torch.tensor([1e-30, 2e-30, 3e-30])  # unnormalised but tiny
+    assert torch.isnan(lightly_msn_loss.sharpen(probabilities, 0.1)).any()
+    sharpened = sharpen(probabilities, 0.1)
+    expected = torch.tensor([1.0, 2.0**10, 3.0**10]) / (1 + 2.0**10 + 3.0**10)
+    torch.testing.assert_close(sharpened[0], expected)
+    torch.testing.assert_close(
+        sharpened[1], lightly_msn_loss.sharpen(probabilities[1:], 0.1)[0]
+    )
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct:UserWarning")
+def test_power_law_distribution_matches_lightly() -> None:
+    from lightly.loss.pmsn_loss import _power_law_distribution
+
+    torch.testing.assert_close(
+        power_law_distribution(50, 0.25),
+        _power_law_distribution(50, 0.25, torch.device("cpu")).float(),
+    )
+
+
+def test_deprecated_me_max_weight_warns_and_takes_precedence() -> None:
+    with pytest.warns(DeprecationWarning, match="regularization_weight"):
+        loss_fn = MSNLoss(regularization_weight=1.0, me_max_weight=0.3)
+    assert loss_fn.regularization_weight == 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0}, "temperature must be in"),
+        ({"temperature": -1.0}, "temperature must be in"),
+        ({"sinkhorn_iterations": -1}, "sinkhorn_iterations must be >= 0"),
+        ({"regularization_weight": -0.5}, "regularization_weight must be in"),
+        ({"entropy_weight": float("nan")}, "entropy_weight must be in"),
+        ({"target_distribution": "zipf"}, "target_distribution must be"),
+        ({"target_distribution": torch.tensor([0.5, 0.6])}, "must sum to 1"),
+        ({"target_distribution": torch.tensor([1.0, 0.0])}, "finite and > 0"),
+        ({"target_distribution": torch.ones(2, 2) / 4}, r"shape \(num_prototypes,\)"),
+    ],
+)
+def test_invalid_constructor_arguments_raise(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MSNLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((10, 8), (4, 8), (16, 8)), r"anchors \(10\) must be a multiple .* \(4\)"),
+        (((8, 8), (4, 6), (16, 8)), "same embedding dimension"),
+        (((8, 8), (4, 8), (16, 5)), "same embedding dimension"),
+        (((8,), (4, 8), (16, 8)), r"anchors must have shape \(num_rows, dim\)"),
+        (((8, 8), (0, 8), (16, 8)), "targets must not be empty"),
+    ],
+)
+def test_mismatched_shapes_raise(shapes: tuple, message: str) -> None:
+    anchors, targets, prototypes = (torch.randn(*shape) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        MSNLoss()(anchors, targets, prototypes)
+
+
+@pytest.mark.parametrize("name, position", [("targets", 1), ("prototypes", 2)])
+def test_non_finite_inputs_raise_naming_the_input(name: str, position: int) -> None:
+    inputs = [torch.randn(8, 4), torch.randn(4, 4), torch.randn(6, 4)]
+    inputs[position][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=f"Non-finite values .* in {name}"):
+        MSNLoss()(*inputs)
+
+
+def test_prior_size_must_match_number_of_prototypes() -> None:
+    loss_fn = MSNLoss(target_distribution=torch.full((5,), 0.2))
+    with pytest.raises(ValueError, match="5 entries but there are 6 prototypes"):
+        loss_fn(torch.randn(8, 4), torch.randn(4, 4), torch.randn(6, 4))
+
+
+def test_bad_sharpen_temperature_raises() -> None:
+    with pytest.raises(ValueError, match="target_sharpen_temperature must be in"):
+        MSNLoss()(torch.randn(8, 4), torch.randn(4, 4), torch.randn(6, 4), 0.0)
