@@ -1,0 +1,222 @@
+"""``lightly-msn eval``: kNN, retrieval and few-shot evaluation in one table.
+
+Writes ``results.csv``, ``results.json`` and (with few-shot) ``fewshot.png`` to
+``--output-dir``. Nothing is downloaded: ``--timm NAME`` builds the model with random
+weights unless ``--timm-weights FILE`` names a local weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+KNN_KS = (10, 20, 100, 200)
+ALL_PROTOCOLS_SHOTS = "1,2,5,1%"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments."""
+    from lightly_msn.data import build_dataset
+    from lightly_msn.eval.embed import embed
+
+    if not (args.knn or args.retrieval or args.fewshot):
+        args.knn = args.retrieval = True
+        args.fewshot = ALL_PROTOCOLS_SHOTS
+    model, source = _load_model(args)
+    img_size = args.img_size or _model_image_size(model)
+    transform = _eval_transform(img_size)
+    train_set = build_dataset(
+        args.train, "train", transform=transform, img_size=img_size
+    )
+    test_set = build_dataset(args.test, "test", transform=transform, img_size=img_size)
+    if len(test_set) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"the test set {args.test} is empty")
+    train = embed(model, train_set, args.batch_size, args.device)
+    test = embed(model, test_set, args.batch_size, args.device)
+
+    rows, details = evaluate_features(train, test, args.knn, args.retrieval, args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, output_dir / "results.csv")
+    report = {
+        "model": source,
+        "train": args.train,
+        "test": args.test,
+        "img_size": img_size,
+        "num_train": len(train[0]),
+        "num_test": len(test[0]),
+        "feature_dim": train[0].shape[1],
+        "results": rows,
+        **details,
+    }
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    if "fewshot_results" in details:
+        from lightly_msn.eval.plots import plot_few_shot
+
+        knn_top1 = next(
+            (
+                row["mean"]
+                for row in rows
+                if row["protocol"] == "knn" and row["metric"] == "top1"
+            ),
+            None,
+        )
+        plot_few_shot(
+            details.pop("fewshot_objects"),
+            output_dir / "fewshot.png",
+            title=f"few-shot: {source}",
+            knn_top1=knn_top1,
+        )
+    print(format_table(rows))
+    print(f"results written to {output_dir}/")
+    return 0
+
+
+def evaluate_features(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    knn: bool,
+    retrieval: bool,
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Runs the selected protocols; returns table rows and JSON details."""
+    from lightly_msn.eval.fewshot import few_shot_eval, parse_shots
+    from lightly_msn.eval.knn import KNNClassifier
+    from lightly_msn.eval.retrieval import retrieval_metrics
+
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    if knn:
+        ks = sorted({min(k, len(train[0])) for k in KNN_KS})
+        scores = KNNClassifier(ks=ks).fit(*train).score(*test)
+        for k in ks:
+            for metric in ("top1", "top5"):
+                rows.append(_row("knn", f"k={k}", metric, scores[f"knn_{metric}@{k}"]))
+    if retrieval:
+        for metric, value in retrieval_metrics(test[0], test[1], *train).items():
+            rows.append(_row("retrieval", "test->train", metric, value))
+    if args.fewshot:
+        results = few_shot_eval(
+            *train,
+            *test,
+            shots=parse_shots(args.fewshot),
+            seeds=args.seeds,
+            device=args.device,
+        )
+        for result in results:
+            rows.append(
+                _row(
+                    "fewshot",
+                    result.name,
+                    "top1",
+                    result.mean,
+                    result.std,
+                    len(result.accuracies),
+                )
+            )
+        details["fewshot_results"] = [
+            {
+                "shots": result.name,
+                "seeds": result.seeds,
+                "num_labelled": result.num_labelled,
+                "accuracies": result.accuracies,
+                "regularizations": result.regularizations,
+            }
+            for result in results
+        ]
+        details["fewshot_objects"] = results
+    return rows, details
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One plain-text table of all results."""
+    header = f"{'protocol':<10} {'setting':<12} {'metric':<28} {'value':>16}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        value = f"{row['mean']:.2f}"
+        if row["runs"] > 1:
+            value += f" ± {row['std']:.2f}"
+        lines.append(
+            f"{row['protocol']:<10} {row['setting']:<12} {row['metric']:<28} "
+            f"{value:>16}"
+        )
+    return "\n".join(lines)
+
+
+def _row(
+    protocol: str,
+    setting: str,
+    metric: str,
+    mean: float,
+    std: float = 0.0,
+    runs: int = 1,
+) -> dict[str, Any]:
+    return {
+        "protocol": protocol,
+        "setting": setting,
+        "metric": metric,
+        "mean": round(mean, 4),
+        "std": round(std, 4),
+        "runs": runs,
+    }
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    if args.checkpoint:
+        from lightly_msn.model import load_backbone
+
+        return load_backbone(args.checkpoint), args.checkpoint
+    import timm
+
+    weights = getattr(args, "timm_weights", None)
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": weights}
+    else:
+        logger.warning(
+            "evaluating %s with random weights (no --timm-weights)", args.timm
+        )
+    model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+    return model, f"timm:{args.timm}" + ("" if weights else " (random init)")
+
+
+def _model_image_size(model: nn.Module) -> int:
+    """The input side of the first patch embedding in ``model``, else 224."""
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if size is not None and not isinstance(module, nn.Identity):
+            return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return 224
+
+
+def _eval_transform(img_size: int) -> Any:
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(img_size),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
