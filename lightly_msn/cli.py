@@ -47,12 +47,29 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
         default="fail",
         help="what to do with unreadable image files",
     )
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=0.0, help="learning rate warm-up"
+    )
+    parser.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=None,
+        help="patch drop ratio of the anchor views (default: the paper's for --model)",
+    )
+    parser.add_argument("--focal-views", type=int, default=10)
+    parser.add_argument("--num-prototypes", type=int, default=1024)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="MSN checkpoint or exported backbone")
-    source.add_argument("--timm", help="name of a timm model to evaluate")
+    source.add_argument(
+        "--timm", help="name of a timm model to evaluate (random init, no download)"
+    )
+    parser.add_argument(
+        "--timm-weights", default=None, help="local weights file for --timm"
+    )
     parser.add_argument("--train", required=True, help="labelled train ImageFolder")
     parser.add_argument("--test", required=True, help="test ImageFolder")
     parser.add_argument("--knn", action="store_true", help="faiss kNN classification")

@@ -17,6 +17,7 @@ def extract_cifar_sample(destination: Path, patterns: tuple[str, ...]) -> Path:
     """Extracts the CIFAR-10 JPEGs matching ``patterns`` (tar wildcards)."""
     if not CIFAR_TARBALL.exists():
         pytest.skip(f"CIFAR-10 tarball not found at {CIFAR_TARBALL}")
+    destination.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["tar", "-xzf", str(CIFAR_TARBALL), "-C", str(destination), "--wildcards"]
         + list(patterns),

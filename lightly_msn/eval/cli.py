@@ -46,6 +46,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     test = embed(model, test_set, args.batch_size, args.device)
 
     rows, details = evaluate_features(train, test, args.knn, args.retrieval, args)
+    few_shot_results = details.pop("fewshot_objects", None)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, output_dir / "results.csv")
@@ -61,22 +62,19 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         **details,
     }
     (output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    if "fewshot_results" in details:
+    if few_shot_results:
         from lightly_msn.eval.plots import plot_few_shot
 
-        knn_top1 = next(
-            (
-                row["mean"]
-                for row in rows
-                if row["protocol"] == "knn" and row["metric"] == "top1"
-            ),
-            None,
-        )
+        knn_top1 = [
+            row["mean"]
+            for row in rows
+            if row["protocol"] == "knn" and row["metric"] == "top1"
+        ]
         plot_few_shot(
-            details.pop("fewshot_objects"),
+            few_shot_results,
             output_dir / "fewshot.png",
             title=f"few-shot: {source}",
-            knn_top1=knn_top1,
+            knn_top1=max(knn_top1) if knn_top1 else None,
         )
     print(format_table(rows))
     print(f"results written to {output_dir}/")

@@ -1,0 +1,103 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from lightly_msn.cli import main
+from lightly_msn.eval.embed import embed
+from tests.test_data import extract_cifar_sample
+
+
+def test_eval_cli_end_to_end_on_real_cifar10_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = extract_cifar_sample(
+        tmp_path / "cifar",
+        ("train/cat/000*", "train/ship/000*", "test/cat/000*", "test/ship/000*"),
+    )
+    output_dir = tmp_path / "out"
+    code = main(
+        [
+            "eval",
+            "--timm",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--train",
+            str(data / "train"),
+            "--test",
+            str(data / "test"),
+            "--knn",
+            "--retrieval",
+            "--fewshot",
+            "1,2,50%",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "8",
+            "--output-dir",
+            str(output_dir),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    for expected in ("knn", "k=10", "precision_at_1", "fewshot", "50%", "±"):
+        assert expected in printed
+    with (output_dir / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert {row["protocol"] for row in rows} == {"knn", "retrieval", "fewshot"}
+    assert all(0.0 <= float(row["mean"]) <= 100.0 for row in rows)
+    report = json.loads((output_dir / "results.json").read_text())
+    assert report["feature_dim"] == 192
+    assert report["model"] == "timm:vit_tiny_patch16_224 (random init)"
+    assert [entry["shots"] for entry in report["fewshot_results"]] == ["1", "2", "50%"]
+    assert all(len(entry["accuracies"]) == 2 for entry in report["fewshot_results"])
+    assert (output_dir / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_cli_fewshot_larger_than_a_class_fails_clearly(tmp_path: Path) -> None:
+    data = extract_cifar_sample(tmp_path, ("train/cat/000[0-2]*", "test/cat/0000*"))
+    with pytest.raises(ValueError, match="fewer than the 50 per class"):
+        main(
+            [
+                "eval",
+                "--timm",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                "32",
+                "--train",
+                str(data / "train"),
+                "--test",
+                str(data / "test"),
+                "--fewshot",
+                "50",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+
+
+class _CnnLike(torch.nn.Module):
+    """Returns (N, D, 1, 1) features like lightly's benchmark ResNet backbones."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3), keepdim=True)
+
+
+def test_embed_flattens_pooled_outputs_restores_mode_and_checks_input() -> None:
+    images = torch.rand(5, 3, 4, 4)
+    dataset = TensorDataset(images, torch.arange(5))
+    model = _CnnLike().train()
+    features, labels = embed(model, dataset, batch_size=2, progress=False)
+    torch.testing.assert_close(features, images.mean(dim=(2, 3)))
+    assert labels.tolist() == [0, 1, 2, 3, 4] and labels.dtype == torch.int64
+    assert model.training
+    with pytest.raises(ValueError, match="empty dataset"):
+        embed(model, TensorDataset(torch.empty(0, 3, 4, 4), torch.empty(0)))
+    with pytest.raises(ValueError, match="NaN"):
+        embed(model, TensorDataset(torch.full((2, 3, 4, 4), float("nan")), labels[:2]))
+    with pytest.raises(ValueError, match="expected \\(N, D\\) features"):
+        embed(torch.nn.Identity(), dataset, progress=False)
