@@ -470,7 +470,7 @@ class _AnchorLoss(torch.autograd.Function):
         num_anchors = anchors.shape[0]
         batch_size, num_prototypes = targets.shape
         num_views = num_anchors // batch_size
-        logits = torch.mm(anchors, prototypes.T).mul_(inverse_temperature)
+        logits = torch.mm(anchors, (prototypes * inverse_temperature).T)
         log_probabilities = torch.log_softmax(logits, dim=1)
         del logits
         # the targets are shared by all views: sum the views first, O(B K) memory
@@ -566,14 +566,16 @@ def _log_sinkhorn(
             )
             log_probabilities = log_probabilities - _finite_or_zero(column)
             # each sample is a probability distribution
-            row = torch.logsumexp(log_probabilities, dim=1, keepdim=True)
+            row = distributed.logsumexp_over_ranks(
+                log_probabilities, dim=1, gather_distributed=False
+            )
             log_probabilities = log_probabilities - _finite_or_zero(row)
     return log_probabilities
 
 
 def _finite_or_zero(log_normalizer: Tensor) -> Tensor:
     # an all-zero column has log-normaliser -inf: leave its zeros untouched
-    return torch.where(torch.isfinite(log_normalizer), log_normalizer, 0.0)
+    return log_normalizer.nan_to_num_(neginf=0.0)
 
 
 def _target_diagnostics(

@@ -7,6 +7,7 @@ from lightly.loss import MSNLoss as LightlyMSNLoss
 from lightly.loss import msn_loss as lightly_msn_loss
 from torch import Tensor
 
+from benchmarks.perf_components import clustered_inputs, paper_loss_float64
 from lightly_msn.loss import (
     MSNLoss,
     MSNLossOutput,
@@ -17,41 +18,6 @@ from lightly_msn.loss import (
 )
 
 
-def reference_loss(
-    anchors: Tensor,
-    targets: Tensor,
-    prototypes: Tensor,
-    temperature: float = 0.1,
-    sharpen_temperature: float = 0.25,
-    sinkhorn_iterations: int = 3,
-    regularization_weight: float = 1.0,
-    entropy_weight: float = 0.0,
-    prior: Tensor | None = None,
-) -> Tensor:
-    """The paper's formula evaluated literally in float64 (powers, no log domain)."""
-    anchors, targets, prototypes = (
-        F.normalize(x.double(), dim=1) for x in (anchors, targets, prototypes)
-    )
-    num_prototypes = prototypes.shape[0]
-    num_views = anchors.shape[0] // targets.shape[0]
-    predictions = torch.softmax(anchors @ prototypes.T / temperature, dim=1)
-    with torch.no_grad():
-        target_probs = torch.softmax(targets @ prototypes.T / temperature, dim=1)
-        target_probs = target_probs ** (1 / sharpen_temperature)
-        target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
-        for _ in range(sinkhorn_iterations):
-            target_probs = target_probs / target_probs.sum(dim=0, keepdim=True)
-            target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
-    target_rows = torch.cat([target_probs] * num_views)
-    cross_entropy = -(target_rows * predictions.log()).sum(dim=1).mean()
-    mean_prediction = predictions.mean(dim=0)
-    if prior is None:
-        prior = torch.full((num_prototypes,), 1 / num_prototypes)
-    kl = (mean_prediction * (mean_prediction / prior.double()).log()).sum()
-    entropy = -(predictions * predictions.log()).sum(dim=1).mean()
-    return cross_entropy + regularization_weight * kl + entropy_weight * entropy
-
-
 def random_inputs(
     batch_size: int, views: int, prototypes: int, dim: int, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,25 +25,6 @@ def random_inputs(
     anchors = torch.randn(batch_size * views, dim, generator=generator)
     targets = torch.randn(batch_size, dim, generator=generator)
     weights = torch.randn(prototypes, dim, generator=generator)
-    return anchors.requires_grad_(), targets, weights.requires_grad_()
-
-
-def clustered_inputs(
-    batch_size: int = 64, views: int = 4, prototypes: int = 128, dim: int = 32
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Confident inputs: every embedding lies close to one of 8 prototypes."""
-    generator = torch.Generator().manual_seed(1)
-    weights = torch.randn(prototypes, dim, generator=generator)
-    cluster = torch.randint(8, (batch_size,), generator=generator)
-    targets = weights[cluster] + 0.05 * torch.randn(
-        batch_size, dim, generator=generator
-    )
-    anchors = torch.cat(
-        [
-            targets + 0.05 * torch.randn(batch_size, dim, generator=generator)
-            for _ in range(views)
-        ]
-    )
     return anchors.requires_grad_(), targets, weights.requires_grad_()
 
 
@@ -148,7 +95,7 @@ def test_matches_float64_reference_with_entropy_and_priors(
         prior = None
         loss_fn = MSNLoss(entropy_weight=entropy_weight)
     expected = loss_and_grads(
-        lambda a, t, p: reference_loss(
+        lambda a, t, p: paper_loss_float64(
             a, t, p, entropy_weight=entropy_weight, prior=prior
         ),
         anchors,
@@ -219,6 +166,8 @@ def test_collapsed_targets_are_counted_as_one_prototype() -> None:
 @pytest.mark.parametrize("temperature", [0.03, 0.025])
 def test_finite_at_low_temperature_where_lightly_is_not(temperature: float) -> None:
     anchors, targets, prototypes = clustered_inputs()
+    anchors.requires_grad_()
+    prototypes.requires_grad_()
     lightly_loss = LightlyMSNLoss(temperature=temperature)(anchors, targets, prototypes)
     assert not torch.isfinite(lightly_loss)
 
@@ -226,7 +175,7 @@ def test_finite_at_low_temperature_where_lightly_is_not(temperature: float) -> N
         MSNLoss(temperature=temperature), anchors, targets, prototypes
     )
     reference = loss_and_grads(
-        lambda a, t, p: reference_loss(a, t, p, temperature=temperature),
+        lambda a, t, p: paper_loss_float64(a, t, p, temperature=temperature),
         anchors,
         targets,
         prototypes,
