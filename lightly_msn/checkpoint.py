@@ -1,0 +1,126 @@
+"""Export of the pretrained backbone to safetensors, and loading it back.
+
+The exported file holds the target encoder's timm ``VisionTransformer`` state dict
+under timm's own key names, so ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=path), img_size=..., patch_size=..., num_classes=0)``
+loads it with no missing keys. The file's metadata records the timm name and the
+arguments needed to rebuild the ViT (``load_backbone_vit``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+METADATA_KEY = "lightly_msn"
+BACKBONE_PREFIX = "model.target_backbone.vit."
+
+
+def vit_config(vit: VisionTransformer, model_name: str) -> dict[str, Any]:
+    """The timm name and keyword arguments that rebuild ``vit``'s architecture."""
+    patch_size = vit.patch_embed.patch_size
+    img_size = vit.patch_embed.img_size
+    return {
+        "model_name": model_name,
+        "kwargs": {
+            "img_size": list(img_size) if img_size is not None else None,
+            "patch_size": list(patch_size),
+            "embed_dim": int(vit.embed_dim),
+            "depth": len(vit.blocks),
+            "num_heads": int(getattr(vit.blocks[0], "attn").num_heads),  # noqa: B009
+            "num_classes": 0,
+            "dynamic_img_size": True,
+        },
+    }
+
+
+def create_vit_from_config(config: dict[str, Any]) -> VisionTransformer:
+    """Creates the ViT described by :func:`vit_config` (random weights)."""
+    kwargs: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in config["kwargs"].items()
+    }
+    vit = timm.create_model(config["model_name"], pretrained=False, **kwargs)
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"{config['model_name']!r} is not a timm VisionTransformer.")
+    return vit
+
+
+def export_backbone(
+    state_dict: dict[str, Tensor], config: dict[str, Any], path: str | Path
+) -> Path:
+    """Writes a ViT state dict and its config to a ``.safetensors`` file, atomically.
+
+    The file is written next to ``path`` and renamed into place, so a crash never
+    leaves a truncated backbone behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
+    tmp.replace(path)
+    return path
+
+
+def load_backbone_vit(path: str | Path) -> VisionTransformer:
+    """Loads the target encoder's ViT from an export or a training checkpoint.
+
+    Args:
+        path:
+            ``backbone.safetensors`` written by :func:`export_backbone`, or a
+            Lightning checkpoint (``.ckpt``) written by ``lightly-msn pretrain``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not an MSN export or checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_backbone: no such file: {path}")
+    if path.suffix == ".safetensors":
+        state_dict, config = _read_safetensors(path)
+    else:
+        state_dict, config = _read_lightning_checkpoint(path)
+    vit = create_vit_from_config(config)
+    vit.load_state_dict(state_dict, strict=True)
+    return vit
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        if METADATA_KEY not in metadata:
+            raise ValueError(
+                f"load_backbone: {path} has no '{METADATA_KEY}' metadata; it was not "
+                "exported by lightly_msn (load it with timm.create_model instead)."
+            )
+        state_dict = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    return state_dict, json.loads(metadata[METADATA_KEY])
+
+
+def _read_lightning_checkpoint(
+    path: Path,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"load_backbone: {path} is not a Lightning checkpoint.")
+    config = checkpoint.get(METADATA_KEY)
+    if config is None:
+        raise ValueError(
+            f"load_backbone: {path} was not written by lightly_msn's pretraining "
+            f"(no '{METADATA_KEY}' entry)."
+        )
+    state_dict = {
+        key[len(BACKBONE_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(BACKBONE_PREFIX)
+    }
+    return state_dict, config

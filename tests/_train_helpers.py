@@ -1,0 +1,45 @@
+"""Tiny models and datasets shared by the model / training tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+TINY_VIT: dict[str, Any] = dict(
+    img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
+)
+TINY_HEAD: dict[str, Any] = dict(hidden_dim=32, output_dim=16, num_prototypes=8)
+
+
+def tiny_vit(**overrides: Any) -> Any:
+    from lightly_msn.model import create_vit
+
+    kwargs = {**TINY_VIT, **overrides}
+    return create_vit("vit_tiny_patch16_224", **kwargs)
+
+
+def tiny_module(**overrides: Any) -> Any:
+    from lightly_msn.train import MSNLightningModule
+
+    kwargs: dict[str, Any] = dict(model=tiny_vit(), max_steps=10, **TINY_HEAD)
+    kwargs.update(overrides)
+    return MSNLightningModule(**kwargs)
+
+
+class FixedViews(Dataset):
+    """Deterministic MSN views: 2 random views of 16 px and 2 focal views of 8 px."""
+
+    def __init__(self, size: int = 16, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.views = [
+            torch.randn(size, 3, 16, 16, generator=generator) for _ in range(2)
+        ] + [torch.randn(size, 3, 8, 8, generator=generator) for _ in range(2)]
+
+    def __len__(self) -> int:
+        return self.views[0].shape[0]
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], int]:
+        return [view[index] for view in self.views], 0
