@@ -20,7 +20,7 @@ and free events that ``torch.profiler`` records with ``profile_memory=True``.
 
 Usage::
 
-    python benchmarks/perf_components.py [--repeats 15] [--device cpu|cuda]
+    python benchmarks/perf_components.py [--repeats 15] [--device cpu|cuda] [--threads N]
 """
 
 from __future__ import annotations
@@ -320,7 +320,12 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(
         f"device: {device}, torch {torch.__version__}, "

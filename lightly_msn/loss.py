@@ -22,7 +22,8 @@ the official code add that constant too, so the values agree.
 
 - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
 - [1]: https://github.com/facebookresearch/msn
-- [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+- [2]: The Hidden Uniform Cluster Prior in Self-Supervised Learning (PMSN), 2022,
+  https://arxiv.org/abs/2210.07277
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def power_law_distribution(
 
     Equals lightly's power-law target distribution (``k`` from 1 to ``size``).
 
-    - [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+    - [2]: The Hidden Uniform Cluster Prior in Self-Supervised Learning (PMSN), 2022,
+      https://arxiv.org/abs/2210.07277
 
     Args:
         size:
@@ -217,12 +219,15 @@ class MSNLoss(nn.Module):
       normalises the targets with Sinkhorn over the global batch;
     - supports the official per-sample entropy term (``entropy_weight``) and PMSN
       priors [2] (``target_distribution``): the regulariser is ``KL(mean
-      prediction || prior)``, which for the uniform prior is the ME-MAX term;
+      prediction || prior)``, which for the uniform prior is the ME-MAX term
+      (lightly's ``PMSNLoss`` computes the reverse ``KL(prior || mean
+      prediction)``, which does not reduce to ME-MAX);
     - returns diagnostics for collapse monitoring from :meth:`compute`.
 
     - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
     - [1]: https://github.com/facebookresearch/msn
-    - [2]: Prior Matching for Siamese Networks, 2022, https://arxiv.org/abs/2210.07277
+    - [2]: The Hidden Uniform Cluster Prior in Self-Supervised Learning (PMSN), 2022,
+      https://arxiv.org/abs/2210.07277
 
     Attributes:
         temperature:
