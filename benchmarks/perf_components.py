@@ -20,7 +20,8 @@ and free events that ``torch.profiler`` records with ``profile_memory=True``.
 
 Usage::
 
-    python benchmarks/perf_components.py [--repeats 15] [--device cpu|cuda] [--threads N]
+    python benchmarks/perf_components.py [--repeats 15] [--threads N]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
