@@ -41,9 +41,16 @@ def plot_few_shot(
         capsize=3,
         label="logistic regression",
     )
+    # settings with the same labels per class (e.g. "1" and "1%" on a small set)
+    # share one annotation
+    names: dict[float, list[str]] = {}
     for result in ordered:
+        names.setdefault(result.labels_per_class, []).append(result.name)
+    for result in ordered:
+        if names[result.labels_per_class][0] != result.name:
+            continue
         axis.annotate(
-            result.name,
+            ", ".join(names[result.labels_per_class]),
             (result.labels_per_class, result.mean),
             textcoords="offset points",
             xytext=(4, -12),
@@ -52,6 +59,8 @@ def plot_few_shot(
     if knn_top1 is not None:
         axis.axhline(knn_top1, color="grey", linestyle="--", label="kNN, all labels")
     axis.set_xscale("log")
+    axis.set_xticks(sorted(names), [f"{x:g}" for x in sorted(names)])
+    axis.minorticks_off()
     axis.set_xlabel("labelled images per class")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title(title)
