@@ -1,0 +1,74 @@
+"""``msn``: this package's MSN (``lightly_msn.train.MSNLightningModule``).
+
+The method under test is the package's own training module, unchanged: the official
+recipe of [0] (patch dropping on the random anchor views only, learnable prototypes,
+Sinkhorn and ME-MAX, linear warm-up then cosine learning rate, cosine weight decay
+0.04 -> 0.4, EMA momentum 0.996 -> 1, gradient clipping 3.0), with the learning rate
+of ViT-S/16 (1e-3 for a batch of 1024) scaled linearly to the batch size.
+
+It is not a subclass of ``BenchmarkMethod`` because its optimizer and schedules are
+the package's; it has the same interface (``from_config``, ``make_transform``,
+``backbone_features``).
+
+- [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from benchmarks.methods.base import BenchmarkConfig, make_vit
+from benchmarks.methods.msn_lightly import msn_transform_kwargs
+from lightly_msn.train import MSNLightningModule
+from lightly_msn.transforms import MSNTransform
+
+
+class MSNMethod(MSNLightningModule):
+    name: ClassVar[str] = "msn"
+    config: BenchmarkConfig
+    recipe: dict[str, Any]
+    defaults: ClassVar[dict[str, Any]] = dict(
+        lr_per_256=2.5e-4,  # 1e-3 for a batch of 1024 (official ViT-S/16)
+        start_lr_fraction=0.2,  # official start_lr 2e-4 for lr 1e-3
+        final_lr=1e-6,
+        weight_decay=0.04,
+        final_weight_decay=0.4,
+        mask_ratio=0.15,
+        num_prototypes=1024,
+        feature_norm=True,  # class token after the final norm, as for the others
+    )
+
+    @classmethod
+    def from_config(
+        cls, config: BenchmarkConfig, steps_per_epoch: int = 1
+    ) -> MSNMethod:
+        recipe = config.recipe(cls.name, cls.defaults)
+        lr = recipe["lr_per_256"] * config.global_batch_size / 256
+        method = cls(
+            model=make_vit(config),
+            mask_ratio=recipe["mask_ratio"],
+            num_prototypes=recipe["num_prototypes"],
+            num_random_views=2,
+            lr=lr,
+            start_lr=lr * recipe["start_lr_fraction"],
+            final_lr=recipe["final_lr"],
+            warmup_steps=steps_per_epoch * config.warmup_epochs,
+            weight_decay=recipe["weight_decay"],
+            final_weight_decay=recipe["final_weight_decay"],
+            gather_distributed=config.global_batch_size > config.batch_size,
+        )
+        method.config = config
+        method.recipe = recipe
+        return method
+
+    @classmethod
+    def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
+        return MSNTransform(**msn_transform_kwargs(config))
+
+    def backbone_features(self, images: Tensor) -> Tensor:
+        return self.model.backbone_features(
+            images, encoder="target", norm=bool(self.recipe["feature_norm"])
+        )

@@ -1,0 +1,247 @@
+"""Benchmark results: one JSON record per method, a CSV, a Markdown table, plots.
+
+A record (written by ``benchmarks.run``) is a dict with the keys
+
+- ``method``, ``run``, ``config``, ``recipe``, ``hardware``;
+- ``pretrain``: ``epochs``, ``steps``, ``train_images``, ``wall_time_s``,
+  ``images_per_s``, ``peak_memory_mb``, ``memory_kind`` (``"rss"`` or ``"gpu"``),
+  ``final_loss``;
+- ``knn``: ``{k: {"top1", "top5"}}`` in percent;
+- ``fewshot``: a list of ``{"setting", "labels_per_class", "mean", "std",
+  "accuracies"}`` (top-1 percent over the few-shot draws);
+- ``retrieval``: ``{"mean_average_precision_at_r", "precision_at_1",
+  "r_precision"}`` in percent;
+- ``knn_curve``: ``[{"epoch", "top1"}]``, epoch 0 being the initialisation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.methods import method_sort_key
+
+RECORD_SUFFIX = ".json"
+NOT_RECORDS = frozenset({"summary.json"})
+
+
+def record_path(run_dir: Path, method: str) -> Path:
+    return Path(run_dir) / f"{method}{RECORD_SUFFIX}"
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Writes ``run_dir/<method>.json`` atomically (a crash leaves the old file)."""
+    if "method" not in record:
+        raise ValueError("a benchmark record needs a 'method' key")
+    path = record_path(run_dir, record["method"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(record, file, indent=2, sort_keys=True)
+        file.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+def load_records(run_dir: Path) -> list[dict[str, Any]]:
+    """All method records of a run, in table order."""
+    records = [
+        json.loads(path.read_text())
+        for path in sorted(Path(run_dir).glob(f"*{RECORD_SUFFIX}"))
+        if path.name not in NOT_RECORDS
+    ]
+    return sorted(records, key=lambda record: method_sort_key(record["method"]))
+
+
+def fewshot_settings(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The few-shot settings present in any record, in first-seen order."""
+    settings: list[str] = []
+    for record in records:
+        for entry in record.get("fewshot", []):
+            if entry["setting"] not in settings:
+                settings.append(entry["setting"])
+    return settings
+
+
+def knn_ks(records: Sequence[dict[str, Any]]) -> list[str]:
+    ks: list[str] = []
+    for record in records:
+        for k in record.get("knn", {}):
+            if k not in ks:
+                ks.append(k)
+    return sorted(ks, key=int)
+
+
+def flatten(
+    record: dict[str, Any], ks: Sequence[str], settings: Sequence[str]
+) -> dict[str, Any]:
+    """One CSV / table row of a record; missing values are ``None``."""
+    pretrain = record.get("pretrain", {})
+    fewshot = {entry["setting"]: entry for entry in record.get("fewshot", [])}
+    row: dict[str, Any] = {"method": record["method"]}
+    for k in ks:
+        row[f"knn_top1_k{k}"] = record.get("knn", {}).get(k, {}).get("top1")
+    for setting in settings:
+        entry = fewshot.get(setting, {})
+        row[f"fewshot_{setting}_mean"] = entry.get("mean")
+        row[f"fewshot_{setting}_std"] = entry.get("std")
+    row["map_at_r"] = record.get("retrieval", {}).get("mean_average_precision_at_r")
+    row["epochs"] = pretrain.get("epochs")
+    row["pretrain_wall_time_s"] = pretrain.get("wall_time_s")
+    row["images_per_s"] = pretrain.get("images_per_s")
+    row["peak_memory_mb"] = pretrain.get("peak_memory_mb")
+    row["memory_kind"] = pretrain.get("memory_kind")
+    return row
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    ks, settings = knn_ks(records), fewshot_settings(records)
+    rows = [flatten(record, ks, settings) for record in records]
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _best(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table: accuracies (best in bold), retrieval, time, memory.
+
+    Few-shot cells are ``mean ± std`` over the draws; accuracies and MAP@R are
+    percentages.
+    """
+    ks, settings = knn_ks(records), fewshot_settings(records)
+    rows = [flatten(record, ks, settings) for record in records]
+    memory_kinds = {row["memory_kind"] for row in rows if row["memory_kind"]}
+    memory = "GPU" if memory_kinds == {"gpu"} else "RSS"
+    header = (
+        ["method"]
+        + [f"kNN k={k}" for k in ks]
+        + [f"{s} {'labelled' if s.endswith('%') else 'per class'}" for s in settings]
+        + ["MAP@R", "pretrain (min)", "img/s", f"peak {memory} (MB)"]
+    )
+    accuracy_columns = [f"knn_top1_k{k}" for k in ks] + [
+        f"fewshot_{s}_mean" for s in settings
+    ]
+    best = {
+        column: _best([row[column] for row in rows])
+        for column in [*accuracy_columns, "map_at_r"]
+    }
+
+    def cell(row: dict[str, Any], column: str, text: str) -> str:
+        value = row[column]
+        return f"**{text}**" if value is not None and value == best[column] else text
+
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row in rows:
+        cells = [row["method"]]
+        cells += [
+            cell(row, f"knn_top1_k{k}", _number(row[f"knn_top1_k{k}"])) for k in ks
+        ]
+        for setting in settings:
+            mean, std = row[f"fewshot_{setting}_mean"], row[f"fewshot_{setting}_std"]
+            text = f"{_number(mean)} ± {_number(std)}" if mean is not None else "–"
+            cells.append(cell(row, f"fewshot_{setting}_mean", text))
+        cells.append(cell(row, "map_at_r", _number(row["map_at_r"])))
+        wall = row["pretrain_wall_time_s"]
+        cells.append(_number(None if wall is None else wall / 60))
+        cells.append(_number(row["images_per_s"], 0))
+        cells.append(_number(row["peak_memory_mb"], 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_plot(
+    path: Path,
+    series: Sequence[tuple[str, list[float], list[float], list[float] | None]],
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = False,
+) -> Path:
+    """Writes a line plot of ``(label, x, y, y error or None)`` series as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, x, y, error in series:
+        axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label)
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_fewshot(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Few-shot top-1 (mean ± std) against labelled images per class."""
+    series = []
+    for record in records:
+        entries = sorted(record.get("fewshot", []), key=lambda e: e["labels_per_class"])
+        if entries:
+            series.append(
+                (
+                    record["method"],
+                    [e["labels_per_class"] for e in entries],
+                    [e["mean"] for e in entries],
+                    [e["std"] for e in entries],
+                )
+            )
+    return _save_plot(
+        path, series, "labelled images per class", "few-shot top-1 (%)", log_x=True
+    )
+
+
+def plot_knn_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """kNN top-1 on the monitoring bank against the epoch (0 = initialisation)."""
+    series = [
+        (
+            record["method"],
+            [point["epoch"] for point in record["knn_curve"]],
+            [point["top1"] for point in record["knn_curve"]],
+            None,
+        )
+        for record in records
+        if record.get("knn_curve")
+    ]
+    return _save_plot(path, series, "epoch", "kNN top-1 (%), monitoring bank")
+
+
+def summarize(run_dir: Path) -> str:
+    """Writes ``results.csv``, ``results.md`` and the plots; returns the table."""
+    run_dir = Path(run_dir)
+    records = load_records(run_dir)
+    if not records:
+        raise ValueError(f"no benchmark records (*.json) in {run_dir}")
+    table = markdown_table(records)
+    (run_dir / "results.md").write_text(table)
+    write_csv(records, run_dir / "results.csv")
+    plot_fewshot(records, run_dir / "fewshot.png")
+    plot_knn_curves(records, run_dir / "knn_curve.png")
+    return table

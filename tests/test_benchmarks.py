@@ -1,0 +1,323 @@
+"""Tests of the benchmark harness: every method trains, results are tabulated right."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning import Trainer
+from torch.utils.data import DataLoader
+
+from benchmarks import results
+from benchmarks.methods import available_methods, load_method
+from benchmarks.methods.base import BenchmarkConfig
+from benchmarks.run import (
+    TransformedSubset,
+    balanced_indices,
+    main,
+    parse_overrides,
+)
+from lightly_msn.data import build_dataset
+
+ALL_METHODS = ("msn", "msn_lightly", "pmsn", "dino", "ibot", "simclr", "byol", "mae")
+
+
+def tiny_config(**overrides: Any) -> BenchmarkConfig:
+    values: dict[str, Any] = dict(
+        data="digits",
+        img_size=16,
+        patch_size=4,
+        local_size=8,
+        num_local_views=2,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        batch_size=8,
+        num_workers=0,
+        accelerator="cpu",
+    )
+    return BenchmarkConfig.from_dict({**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return build_dataset("digits", "train", img_size=16)
+
+
+def test_every_method_is_registered() -> None:
+    assert set(ALL_METHODS) <= set(available_methods())
+    assert available_methods()[: len(ALL_METHODS)] == list(ALL_METHODS)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_one_training_step_has_finite_loss_and_trains(name: str, digits: Any) -> None:
+    torch.manual_seed(0)
+    config = tiny_config()
+    method_class = load_method(name)
+    method = method_class.from_config(config, steps_per_epoch=1)
+    dataset = TransformedSubset(digits, range(8), method_class.make_transform(config))
+    before = {
+        key: value.detach().clone()
+        for key, value in method.named_parameters()
+        if value.requires_grad
+    }
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(method, DataLoader(dataset, batch_size=8, drop_last=True))
+
+    loss = trainer.callback_metrics["loss"]
+    assert torch.isfinite(loss), f"{name}: loss {loss}"
+    changed = [
+        key
+        for key, value in method.named_parameters()
+        if key in before and not torch.equal(value, before[key])
+    ]
+    assert changed, f"{name}: no parameter changed after one step"
+    features = method.backbone_features(torch.randn(3, 3, 16, 16))
+    assert features.shape == (3, config.embed_dim)
+    assert torch.isfinite(features).all()
+
+
+def test_msn_prototypes_learn_but_lightly_example_prototypes_do_not(
+    digits: Any,
+) -> None:
+    """lightly's example passes ``prototypes.data``; ours passes them with grad."""
+    config = tiny_config()
+    prototypes = {}
+    for name in ("msn", "msn_lightly"):
+        torch.manual_seed(0)
+        method_class = load_method(name)
+        method = method_class.from_config(config, steps_per_epoch=1)
+        weight = (
+            method.model.prototypes.weight
+            if name == "msn"
+            else method.prototypes.weight
+        )
+        initial = weight.detach().clone()
+        dataset = TransformedSubset(
+            digits, range(8), method_class.make_transform(config)
+        )
+        Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(method, DataLoader(dataset, batch_size=8))
+        prototypes[name] = not torch.equal(weight.detach(), initial)
+    assert prototypes == {"msn": True, "msn_lightly": False}
+
+
+def test_views_follow_the_config() -> None:
+    config = tiny_config(num_local_views=3)
+    image = build_dataset("digits", "train", img_size=16)[0][0]
+    expected = {
+        "msn": [16, 16, 8, 8, 8],
+        "msn_lightly": [16, 16, 8, 8, 8],
+        "dino": [16, 16, 8, 8, 8],
+        "ibot": [16, 16, 8, 8, 8],
+        "simclr": [16, 16],
+        "byol": [16, 16],
+        "mae": [16],
+    }
+    for name, sizes in expected.items():
+        views = load_method(name).make_transform(config)(image)
+        assert [view.shape[-1] for view in views] == sizes, name
+
+
+def test_unknown_method_and_bad_overrides_raise() -> None:
+    with pytest.raises(ValueError, match="unknown method 'mocov9'.*msn"):
+        load_method("mocov9")
+    config = tiny_config(method_overrides={"dino": {"lr_per_128": 1.0}})
+    with pytest.raises(ValueError, match=r"method_overrides\['dino'\].*lr_per_128"):
+        load_method("dino").from_config(config)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        BenchmarkConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'"):
+        BenchmarkConfig.from_dict({"preset": "imagenet"})
+    with pytest.raises(ValueError, match="local_size=10 is not a multiple"):
+        tiny_config(local_size=10)
+    imagefolder = BenchmarkConfig.from_dict({"preset": "imagefolder"})
+    assert (imagefolder.img_size, imagefolder.patch_size, imagefolder.embed_dim) == (
+        224,
+        16,
+        384,
+    )
+    assert tiny_config(devices=4, num_nodes=2).global_batch_size == 64
+
+
+def test_recipe_overrides_reach_the_method() -> None:
+    config = tiny_config(batch_size=64, method_overrides={"dino": {"lr_per_256": 1e-3}})
+    method = load_method("dino").from_config(config)
+    assert method.lr == pytest.approx(1e-3 * 64 / 256)
+
+
+def test_balanced_indices_are_balanced_deterministic_and_checked() -> None:
+    labels = np.repeat(np.arange(4), 10)
+    first = balanced_indices(labels, 10, seed=0)
+    assert first == balanced_indices(labels, 10, seed=0)
+    assert first != balanced_indices(labels, 10, seed=1)
+    assert np.bincount(labels[first]).tolist() == [3, 3, 2, 2]
+    assert len(set(first)) == 10
+    assert balanced_indices(labels, None, seed=0) == list(range(40))
+    with pytest.raises(ValueError, match="needs 11 images of class 0"):
+        balanced_indices(labels, 44, seed=0)
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["epochs=3", "data=/x/y", 'fewshot=["1","5"]']) == {
+        "epochs": 3,
+        "data": "/x/y",
+        "fewshot": ["1", "5"],
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
+
+
+def fake_record(method: str, offset: float) -> dict[str, Any]:
+    return {
+        "method": method,
+        "run": "fake",
+        "pretrain": {
+            "epochs": 2,
+            "wall_time_s": 90.0 + offset,
+            "images_per_s": 100.0 + offset,
+            "peak_memory_mb": 1000.0 + offset,
+            "memory_kind": "rss",
+        },
+        "knn": {
+            "20": {"top1": 50.0 + offset, "top5": 90.0},
+            "200": {"top1": 45.0 - offset, "top5": 88.0},
+        },
+        "fewshot": [
+            {
+                "setting": "1",
+                "labels_per_class": 1.0,
+                "mean": 20.0 + offset,
+                "std": 1.25,
+                "accuracies": [19.0, 21.0],
+            },
+            {
+                "setting": "1%",
+                "labels_per_class": 5.0,
+                "mean": 30.0,
+                "std": 0.5,
+                "accuracies": [30.0],
+            },
+        ],
+        "retrieval": {"mean_average_precision_at_r": 10.0 + offset},
+        "knn_curve": [{"epoch": 0, "top1": 20.0}, {"epoch": 1, "top1": 30.0 + offset}],
+    }
+
+
+def test_results_round_trip_table_csv_and_plots(tmp_path: Path) -> None:
+    for method, offset in (("simclr", 2.0), ("msn", 1.0), ("zeta", 0.0)):
+        results.write_record(tmp_path, fake_record(method, offset))
+    records = results.load_records(tmp_path)
+    assert [r["method"] for r in records] == ["msn", "simclr", "zeta"]
+    assert records[1] == fake_record("simclr", 2.0)
+
+    table = results.summarize(tmp_path).splitlines()
+    assert table[0] == (
+        "| method | kNN k=20 | kNN k=200 | 1 per class | 1% labelled | MAP@R "
+        "| pretrain (min) | img/s | peak RSS (MB) |"
+    )
+    assert table[2] == (
+        "| msn | 51.0 | 44.0 | 21.0 ± 1.2 | **30.0 ± 0.5** | 11.0 | 1.5 | 101 | 1001 |"
+    )
+    assert table[3] == (
+        "| simclr | **52.0** | 43.0 | **22.0 ± 1.2** | **30.0 ± 0.5** | **12.0** "
+        "| 1.5 | 102 | 1002 |"
+    )
+    assert table[4].startswith("| zeta | 50.0 | **45.0** |")
+    assert (tmp_path / "results.md").read_text().splitlines() == table
+
+    with open(tmp_path / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["method"] for row in rows] == ["msn", "simclr", "zeta"]
+    assert float(rows[1]["knn_top1_k200"]) == 43.0
+    assert float(rows[0]["fewshot_1_std"]) == 1.25
+    assert float(rows[2]["pretrain_wall_time_s"]) == 90.0
+    for plot in ("fewshot.png", "knn_curve.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_marks_missing_values(tmp_path: Path) -> None:
+    partial = copy.deepcopy(fake_record("dino", 0.0))
+    del partial["retrieval"]
+    partial["fewshot"] = partial["fewshot"][:1]
+    table = results.markdown_table([fake_record("byol", 0.0), partial])
+    assert table.splitlines()[3].split(" | ")[4:6] == ["–", "–"]
+
+
+def test_write_record_needs_a_method(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'method'"):
+        results.write_record(tmp_path, {"knn": {}})
+    with pytest.raises(ValueError, match="no benchmark records"):
+        results.summarize(tmp_path)
+
+
+def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
+    overrides = dict(
+        data="digits",
+        img_size=16,
+        local_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        epochs=2,
+        batch_size=32,
+        train_subset=64,
+        bank_subset=300,
+        test_subset=100,
+        monitor_bank=50,
+        monitor_test=50,
+        fewshot=["1", "5%"],
+        fewshot_seeds=2,
+        num_workers=0,
+    )
+    code = main(
+        [
+            "--profile",
+            "cpu-quick",
+            "--methods",
+            "mae",
+            "--name",
+            "e2e",
+            "--results-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--set",
+            *(f"{key}={json.dumps(value)}" for key, value in overrides.items()),
+        ]
+    )
+    assert code == 0
+    record = json.loads((tmp_path / "e2e" / "mae.json").read_text())
+    assert record["pretrain"]["epochs"] == 2
+    assert record["pretrain"]["steps"] == 4  # 64 images / 32 per batch x 2 epochs
+    assert record["pretrain"]["peak_memory_mb"] > 0
+    assert [point["epoch"] for point in record["knn_curve"]] == [0, 1, 2]
+    assert set(record["knn"]) == {"20", "200"}
+    assert [entry["setting"] for entry in record["fewshot"]] == ["1", "5%"]
+    assert all(len(entry["accuracies"]) == 2 for entry in record["fewshot"])
+    assert 0 <= record["retrieval"]["mean_average_precision_at_r"] <= 100
+    assert math.isfinite(record["pretrain"]["final_loss"])
+    assert (tmp_path / "e2e" / "results.md").read_text().startswith("| method |")
