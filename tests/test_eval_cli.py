@@ -101,3 +101,46 @@ def test_embed_flattens_pooled_outputs_restores_mode_and_checks_input() -> None:
         embed(model, TensorDataset(torch.full((2, 3, 4, 4), float("nan")), labels[:2]))
     with pytest.raises(ValueError, match="expected \\(N, D\\) features"):
         embed(torch.nn.Identity(), dataset, progress=False)
+
+
+def test_eval_cli_loads_an_exported_msn_backbone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm
+
+    from lightly_msn.checkpoint import export_backbone, vit_config
+
+    name = "vit_tiny_patch16_224"
+    vit = timm.create_model(
+        name,
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=48,
+        depth=1,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+    path = export_backbone(vit.state_dict(), vit_config(vit, name), tmp_path / "b.st")
+    path = path.rename(tmp_path / "backbone.safetensors")
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(path),
+            "--train",
+            "digits",
+            "--test",
+            "digits",
+            "--knn",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["img_size"] == 16  # taken from the backbone's patch embedding
+    assert report["feature_dim"] == 48
+    assert report["num_train"] + report["num_test"] == 1797
+    assert "knn" in capsys.readouterr().out
