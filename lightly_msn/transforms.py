@@ -310,6 +310,13 @@ class MSNTransform:
         preset.update(kwargs)
         return cls(random_views=random_views, focal_views=focal_views, **preset)  # type: ignore[arg-type]
 
+    @property
+    def transforms(self) -> list[MSNViewTransform]:
+        """The transform of each output view, as lightly's ``MultiViewTransform``."""
+        return [self.random_view_transform] * self.random_views + [
+            self.focal_view_transform
+        ] * self.focal_views
+
     def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
         """Returns ``[random views..., focal views...]`` of ``image``."""
         pixels = image_to_tensor(image)

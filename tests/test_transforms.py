@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -260,6 +262,22 @@ def test_cifar10_preset() -> None:
     assert transform.focal_view_transform.brightness == pytest.approx(0.8)
     views = transform(_colourful_image(32, 32))
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 10
+    assert (
+        transform.transforms
+        == [transform.random_view_transform] * 2 + [transform.focal_view_transform] * 10
+    )
     fewer = MSNTransform.for_cifar10(focal_views=4, cj_strength=0.5)
     assert len(fewer(_colourful_image(32, 32))) == 6
     assert fewer.random_view_transform.brightness == pytest.approx(0.4)
+
+
+def test_transform_pickles_for_data_loader_workers() -> None:
+    transform = MSNTransform.for_cifar10(focal_views=2)
+    restored = pickle.loads(pickle.dumps(transform))
+    torch.manual_seed(3)
+    expected = transform(_colourful_image(32, 32))
+    torch.manual_seed(3)
+    for ours, reference in zip(
+        restored(_colourful_image(32, 32)), expected, strict=True
+    ):
+        torch.testing.assert_close(ours, reference)
