@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightly_msn.cli import main
+from lightly_msn.data import build_dataset
 from lightly_msn.eval.embed import embed
 from tests.test_data import extract_cifar_sample
 
@@ -99,6 +100,8 @@ def test_embed_flattens_pooled_outputs_restores_mode_and_checks_input() -> None:
         embed(model, TensorDataset(torch.empty(0, 3, 4, 4), torch.empty(0)))
     with pytest.raises(ValueError, match="NaN"):
         embed(model, TensorDataset(torch.full((2, 3, 4, 4), float("nan")), labels[:2]))
+    with pytest.raises(TypeError, match="yields Image images, not tensors"):
+        embed(model, build_dataset("digits", img_size=8), progress=False)
     with pytest.raises(ValueError, match="expected \\(N, D\\) features"):
         embed(torch.nn.Identity(), dataset, progress=False)
 

@@ -47,6 +47,12 @@ def embed(
     """
     if isinstance(dataset, Sized) and len(dataset) == 0:
         raise ValueError("cannot embed an empty dataset")
+    first_image = dataset[0][0]
+    if not isinstance(first_image, Tensor):
+        raise TypeError(
+            f"the dataset yields {type(first_image).__name__} images, not tensors; "
+            "give it a transform such as torchvision.transforms.ToTensor()"
+        )
     device = torch.device(
         device
         if device is not None
@@ -61,11 +67,6 @@ def embed(
     labels: list[Tensor] = []
     try:
         for images, targets in tqdm(loader, desc="embedding", disable=not progress):
-            if not isinstance(images, Tensor):
-                raise TypeError(
-                    "the dataset must yield image tensors; give it a transform such "
-                    "as torchvision.transforms.ToTensor()"
-                )
             with torch.autocast(
                 device.type, torch.bfloat16, enabled=device.type == "cuda"
             ):

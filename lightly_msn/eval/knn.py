@@ -27,15 +27,18 @@ from lightly_msn.eval.checks import check_features, check_labels
 TOP_N = 5  # the classifier ranks the top-5 classes for top-1 / top-5 accuracy
 
 
-def build_inner_product_index(features: np.ndarray) -> faiss.Index:
-    """Exact inner-product faiss index over ``features`` (float32, (N, D)).
+def build_inner_product_index(features: Tensor, chunk_size: int = 8192) -> faiss.Index:
+    """Exact inner-product faiss index over the L2-normalised rows of ``features``.
 
     Lives on the GPU when faiss was built with GPU support and a GPU is visible.
+    Rows are normalised and added in chunks, so the only full-size copy is the
+    index's own.
     """
     index: faiss.Index = faiss.IndexFlatIP(features.shape[1])
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(features)
+    for start in range(0, len(features), chunk_size):
+        index.add(normalized_numpy(features[start : start + chunk_size]))
     return index
 
 
@@ -93,7 +96,7 @@ class KNNClassifier:
             raise ValueError(
                 f"k={max(self.ks)} is larger than the {len(features)} train features"
             )
-        self.index = build_inner_product_index(normalized_numpy(features))
+        self.index = build_inner_product_index(features)
         self.labels = labels.cpu()
         self.num_classes = int(labels.max()) + 1
         return self
