@@ -159,9 +159,16 @@ class MSNViewTransform:
         self.std: Tensor | None = None
         if normalize is not None:
             self.mean = torch.tensor(normalize["mean"], dtype=torch.float32).view(
-                3, 1, 1
+                -1, 1, 1
             )
-            self.std = torch.tensor(normalize["std"], dtype=torch.float32).view(3, 1, 1)
+            self.std = torch.tensor(normalize["std"], dtype=torch.float32).view(
+                -1, 1, 1
+            )
+            if self.mean.shape[0] not in (1, 3) or self.std.shape[0] not in (1, 3):
+                raise ValueError(
+                    "MSNViewTransform: normalize needs 1 or 3 values for 'mean' and "
+                    f"'std', got {normalize}."
+                )
 
     def __call__(self, image: Image.Image | Tensor) -> Tensor:
         """Returns one augmented view ``(3, crop_size, crop_size)`` of ``image``."""
@@ -169,6 +176,10 @@ class MSNViewTransform:
 
     def views(self, image: Image.Image | Tensor, num_views: int) -> Tensor:
         """Returns ``num_views`` independent views, ``(num_views, 3, size, size)``."""
+        if num_views < 1:
+            raise ValueError(
+                f"MSNViewTransform.views: num_views must be >= 1, got {num_views}."
+            )
         return self._augment(_crops(image_to_tensor(image), num_views, self))
 
     def _augment(self, views: Tensor) -> Tensor:
@@ -326,9 +337,7 @@ class MSNTransform:
             (self.focal_view_transform, self.focal_views),
         ]:
             if count > 0:
-                views.extend(
-                    transform._augment(_crops(pixels, count, transform)).unbind(0)
-                )
+                views.extend(transform.views(pixels, count).unbind(0))
         return views
 
 
@@ -457,7 +466,9 @@ def _adjust_brightness(views: Tensor, factors: Tensor) -> Tensor:
 
 
 def _adjust_contrast(views: Tensor, factors: Tensor) -> Tensor:
-    mean = _grayscale(views).mean(dim=(1, 2, 3), keepdim=True)
+    # mean of the grayscale image = luma-weighted mean of the channel means
+    channel_means = views.mean(dim=(2, 3))
+    mean = (channel_means @ channel_means.new_tensor(_GRAY_WEIGHTS)).view(-1, 1, 1, 1)
     return torch.lerp(mean.expand_as(views), views, _per_view(factors)).clamp_(0, 1)
 
 

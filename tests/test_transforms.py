@@ -251,6 +251,10 @@ def test_argument_errors() -> None:
         MSNViewTransform(crop_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="focal_views must be >= 0"):
         MSNTransform(focal_views=-1)
+    with pytest.raises(ValueError, match="normalize needs 1 or 3 values"):
+        MSNViewTransform(normalize={"mean": [0.5, 0.5], "std": [0.2, 0.2]})
+    with pytest.raises(ValueError, match="num_views must be >= 1, got 0"):
+        MSNViewTransform(crop_size=8).views(_gray_image(), 0)
 
 
 def test_cifar10_preset() -> None:
