@@ -130,7 +130,9 @@ def sinkhorn(
     if iterations <= 0:
         return probabilities
     log_probabilities = torch.log(probabilities.float())
-    log_normalized = _log_sinkhorn(log_probabilities, iterations, gather_distributed)
+    log_normalized = _log_sinkhorn(
+        log_probabilities, iterations, gather_distributed, may_have_empty_columns=True
+    )
     return log_normalized.exp().to(probabilities.dtype)
 
 
@@ -177,7 +179,9 @@ class MSNLossOutput:
             ``KL(mean anchor prediction || prior)``; for the uniform prior this is
             the ME-MAX term ``log K - H(mean prediction)``.
         entropy:
-            Mean entropy of the individual anchor predictions.
+            Mean entropy of the individual anchor predictions; only computed
+            (otherwise 0) when ``entropy_weight > 0``, as it costs a pass over
+            the predictions.
         num_target_prototypes:
             Number of distinct prototypes that are the argmax of some target
             (int64). Values far below the number of prototypes indicate collapse.
@@ -385,12 +389,16 @@ class MSNLoss(nn.Module):
             ValueError: If the shapes do not fit together, an input is not
                 finite, or ``target_sharpen_temperature`` is not positive.
         """
-        _check_inputs(anchors, targets, prototypes)
+        _check_shapes(anchors, targets, prototypes)
         _check_positive(target_sharpen_temperature, "target_sharpen_temperature")
         with torch.autocast(device_type=anchors.device.type, enabled=False):
-            anchors = F.normalize(anchors.float(), dim=1)
-            targets = F.normalize(targets.detach().float(), dim=1)
-            prototypes = F.normalize(prototypes.float(), dim=1)
+            anchors, targets, prototypes = _normalize_finite(
+                {
+                    "anchors": anchors,
+                    "targets": targets.detach(),
+                    "prototypes": prototypes,
+                }
+            )
             log_targets = self._log_target_probabilities(
                 targets, prototypes.detach(), target_sharpen_temperature
             )
@@ -555,51 +563,55 @@ class _AnchorLoss(torch.autograd.Function):
 
 
 def _log_sinkhorn(
-    log_probabilities: Tensor, iterations: int, gather_distributed: bool
+    log_probabilities: Tensor,
+    iterations: int,
+    gather_distributed: bool,
+    may_have_empty_columns: bool = False,
 ) -> Tensor:
     """Sinkhorn-Knopp in the log domain; rows of the result are log-distributions.
 
     Lightly's and the official implementation also rescale by the batch size and
     number of prototypes; these constants cancel in the next normalisation and in
-    the final one, so only the two alternating normalisations are kept here.
+    the final one, so only the two alternating normalisations are kept. Each is a
+    single fused ``log_softmax`` when the batch is local. Columns that are all
+    ``-inf`` (prototypes without mass) stay ``-inf`` if ``may_have_empty_columns``;
+    the loss never has them (its log-probabilities are finite) and skips the check.
     """
+    global_batch = distributed.world_size(gather_distributed) > 1
     with torch.no_grad():
         for _ in range(iterations):
-            # each prototype gets the same total mass over the global batch
-            column = distributed.logsumexp_over_ranks(
-                log_probabilities, dim=0, gather_distributed=gather_distributed
-            )
-            log_probabilities = log_probabilities - _finite_or_zero(column)
+            # each prototype gets the same total mass over the (global) batch
+            if global_batch:
+                column = distributed.logsumexp_over_ranks(
+                    log_probabilities, dim=0, gather_distributed=True
+                )
+                log_probabilities = log_probabilities - column.nan_to_num_(neginf=0.0)
+            else:
+                log_probabilities = torch.log_softmax(log_probabilities, dim=0)
+                if may_have_empty_columns:
+                    log_probabilities.nan_to_num_(nan=-math.inf, neginf=-math.inf)
             # each sample is a probability distribution
-            row = distributed.logsumexp_over_ranks(
-                log_probabilities, dim=1, gather_distributed=False
-            )
-            log_probabilities = log_probabilities - _finite_or_zero(row)
+            log_probabilities = torch.log_softmax(log_probabilities, dim=1)
     return log_probabilities
-
-
-def _finite_or_zero(log_normalizer: Tensor) -> Tensor:
-    # an all-zero column has log-normaliser -inf: leave its zeros untouched
-    return log_normalizer.nan_to_num_(neginf=0.0)
 
 
 def _target_diagnostics(
     log_targets: Tensor, target_probabilities: Tensor
 ) -> dict[str, Tensor]:
     with torch.no_grad():
-        winners = log_targets.argmax(dim=1)
+        largest_log, winners = log_targets.max(dim=1)
         used = torch.zeros(
             log_targets.shape[1], dtype=torch.bool, device=log_targets.device
         )
         used.index_fill_(0, winners, True)
         return {
             "num_target_prototypes": used.sum(),
-            "max_target_probability": target_probabilities.amax(dim=1).mean(),
+            "max_target_probability": largest_log.exp().mean(),
             "min_target_probability": target_probabilities.amin(dim=1).mean(),
         }
 
 
-def _check_inputs(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
+def _check_shapes(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
     for name, tensor in (
         ("anchors", anchors),
         ("targets", targets),
@@ -628,22 +640,32 @@ def _check_inputs(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
             "anchors, targets and prototypes must have the same embedding "
             f"dimension, but have {dims}."
         )
-    all_finite = (
-        torch.isfinite(anchors).all()
-        & torch.isfinite(targets).all()
-        & torch.isfinite(prototypes).all()
-    )
-    if not bool(all_finite):  # one host synchronisation for all three inputs
+
+
+def _normalize_finite(named: dict[str, Tensor]) -> list[Tensor]:
+    """L2-normalises rows in float32 (as ``F.normalize``) and rejects non-finite input.
+
+    A NaN or inf anywhere in a row makes its norm non-finite, so checking the norms
+    checks the inputs, with one host synchronisation and no extra pass over them.
+    """
+    norms = [
+        torch.linalg.vector_norm(tensor.float(), dim=1, keepdim=True)
+        for tensor in named.values()
+    ]
+    if not bool(torch.isfinite(torch.cat(norms)).all()):
         bad = [
             name
-            for name, tensor in (
-                ("anchors", anchors),
-                ("targets", targets),
-                ("prototypes", prototypes),
-            )
-            if not bool(torch.isfinite(tensor).all())
+            for name, norm in zip(named, norms, strict=True)
+            if not bool(torch.isfinite(norm).all())
         ]
-        raise ValueError(f"Non-finite values (NaN or inf) in {', '.join(bad)}.")
+        raise ValueError(
+            f"Non-finite values (NaN or inf) in {', '.join(bad)}, or rows whose norm "
+            "overflows float32."
+        )
+    return [
+        tensor.float() / norm.clamp_min(1e-12)
+        for tensor, norm in zip(named.values(), norms, strict=True)
+    ]
 
 
 def _check_prior(prior: Tensor) -> None:

@@ -331,7 +331,9 @@ def test_mismatched_shapes_raise(shapes: tuple, message: str) -> None:
         MSNLoss()(anchors, targets, prototypes)
 
 
-@pytest.mark.parametrize("name, position", [("targets", 1), ("prototypes", 2)])
+@pytest.mark.parametrize(
+    "name, position", [("anchors", 0), ("targets", 1), ("prototypes", 2)]
+)
 def test_non_finite_inputs_raise_naming_the_input(name: str, position: int) -> None:
     inputs = [torch.randn(8, 4), torch.randn(4, 4), torch.randn(6, 4)]
     inputs[position][1, 2] = float("nan")
