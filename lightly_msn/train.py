@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -364,7 +364,7 @@ class PretrainResult:
 
 
 def pretrain(
-    data: str | Dataset = "digits",
+    data: str | Path | Dataset = "digits",
     data_dir: str | Path | None = None,
     model: str | VisionTransformer = "vit_tiny_patch16_224",
     img_size: int = 32,
@@ -386,7 +386,7 @@ def pretrain(
     on_bad_image: str = "fail",
     transform: Any = None,
     progress: bool = True,
-    max_steps: int = -1,
+    callbacks: Sequence[Callback] = (),
     **module_kwargs: Any,
 ) -> PretrainResult:
     """Pretrains a ViT with MSN and exports its target encoder.
@@ -438,8 +438,8 @@ def pretrain(
             ``[random views..., focal views...]``).
         progress:
             Show the progress bar.
-        max_steps:
-            Stop after this many steps (``-1``: run all epochs).
+        callbacks:
+            Extra Lightning callbacks.
         **module_kwargs:
             Further arguments of :class:`MSNLightningModule` (``lr``,
             ``mask_ratio``, ``num_prototypes``, ...).
@@ -498,12 +498,11 @@ def pretrain(
     )
     trainer = Trainer(
         max_epochs=epochs,
-        max_steps=max_steps,
         devices=devices,
         num_nodes=num_nodes,
         accelerator=accelerator,
         precision=precision,  # type: ignore[arg-type]
-        callbacks=[checkpointing],
+        callbacks=[checkpointing, *callbacks],
         logger=loggers,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -529,8 +528,6 @@ def pretrain(
             f"{batch_size} x {world_size} devices; lower --batch-size."
         )
     total_steps = steps_per_epoch * epochs
-    if max_steps > 0:
-        total_steps = min(total_steps, max_steps)
     module = MSNLightningModule(
         model=model,
         img_size=img_size,
@@ -643,14 +640,14 @@ def plot_metrics(metrics_path: Path, plot_path: Path) -> Path | None:
 
 
 def _dataset_with_transform(
-    data: str | Dataset,
+    data: str | Path | Dataset,
     data_dir: str | Path | None,
     transform: Any,
     on_bad_image: str,
     img_size: int,
     build_dataset: Any,
 ) -> Dataset:
-    if isinstance(data, Dataset):
+    if not isinstance(data, (str, Path)):
         if not hasattr(data, "transform"):
             raise ValueError(
                 "pretrain: a dataset instance needs a 'transform' attribute (as "
@@ -660,7 +657,7 @@ def _dataset_with_transform(
         return data
     min_size = None if data == "digits" else img_size
     dataset: Dataset = build_dataset(
-        data,
+        str(data),
         split="train",
         data_dir=data_dir,
         transform=transform,

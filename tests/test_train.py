@@ -1,0 +1,286 @@
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import timm
+import torch
+from lightning import Callback, LightningModule, Trainer
+from PIL import Image
+from torch.utils.data import Dataset
+
+from lightly_msn.cli import main
+from lightly_msn.model import load_backbone
+from lightly_msn.train import pretrain
+from tests._train_helpers import TINY_HEAD, TINY_VIT, tiny_vit
+
+CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / (
+    "shared/data/cifar10-jpg.tar.gz"
+)
+TINY_PRETRAIN: dict[str, Any] = dict(
+    img_size=16,
+    patch_size=4,
+    focal_size=8,
+    focal_views=2,
+    batch_size=8,
+    num_workers=0,
+    accelerator="cpu",
+    devices=1,
+    progress=False,
+    **TINY_HEAD,
+)
+
+
+class RandomImages(Dataset):
+    """Random RGB PIL images with a ``transform`` attribute, as ImageFolder has."""
+
+    def __init__(self, size: int = 32, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (size, 16, 16, 3), dtype=np.uint8)
+        self.images = [Image.fromarray(p) for p in pixels]
+        self.transform: Any = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.images[index]), index % 2
+
+
+def seeded_vit() -> Any:
+    torch.manual_seed(0)
+    return tiny_vit()
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAtEpoch(Callback):
+    """Simulates a crash at the start of an epoch (after the previous checkpoint)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Killed
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    kwargs = dict(TINY_PRETRAIN, epochs=2, seed=3, warmup_epochs=1.0)
+    full = pretrain(
+        RandomImages(), model=seeded_vit(), output_dir=tmp_path / "a", **kwargs
+    )
+
+    with pytest.raises(Killed):
+        pretrain(
+            RandomImages(),
+            model=seeded_vit(),
+            output_dir=tmp_path / "b",
+            callbacks=[KillAtEpoch(1)],
+            **kwargs,
+        )
+    checkpoint = tmp_path / "b" / "checkpoints" / "epoch=000.ckpt"
+    assert checkpoint.is_file()
+    resumed = pretrain(
+        RandomImages(),
+        model=seeded_vit(),
+        output_dir=tmp_path / "b",
+        resume=checkpoint,
+        **kwargs,
+    )
+    expected = full.module.state_dict()
+    actual = resumed.module.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:  # weights, EMA target, prototypes, BN statistics
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed.module.global_step == full.module.global_step == 8
+    for name in ("epoch=000.ckpt", "epoch=001.ckpt", "last.ckpt"):
+        assert (tmp_path / "a" / "checkpoints" / name).is_file()
+    assert full.plot is not None and full.plot.stat().st_size > 0
+
+
+def test_export_loads_into_timm_without_missing_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = pretrain(
+        RandomImages(16),
+        model=tiny_vit(),
+        output_dir=tmp_path,
+        epochs=1,
+        **TINY_PRETRAIN,
+    )
+    exported = result.module.model.backbone_state_dict("target")
+    with caplog.at_level(logging.INFO, logger="timm"):
+        vit = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(result.backbone)),
+            num_classes=0,
+            **TINY_VIT,
+        )
+    assert "Missing keys" not in caplog.text
+    assert "Unexpected keys" not in caplog.text
+    loaded = vit.state_dict()
+    assert loaded.keys() == exported.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+    # load_backbone: the same features from the export and the checkpoint
+    images = torch.randn(2, 3, 16, 16)
+    expected = result.module.model.backbone_features(images)
+    for path in (result.backbone, result.checkpoint):
+        features = load_backbone(path)(images)
+        torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-6)
+    post_norm = load_backbone(result.backbone, norm=True)(images)
+    torch.testing.assert_close(post_norm, vit.eval()(images), atol=1e-5, rtol=1e-5)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fsspec.implementations.local import LocalFileOpener
+
+    kwargs = dict(TINY_PRETRAIN, epochs=2, output_dir=tmp_path)
+    pretrain(RandomImages(16), model=tiny_vit(), **kwargs)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+
+    def crash_mid_write(self: Any, data: bytes) -> int:
+        self.f.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(LocalFileOpener, "write", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain(
+            RandomImages(16), model=tiny_vit(), resume=last, **{**kwargs, "epochs": 3}
+        )
+    assert last.read_bytes() == good
+    torch.load(last, weights_only=True)  # still a complete checkpoint
+
+
+def test_load_backbone_rejects_foreign_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(1)}, str(foreign))
+    with pytest.raises(ValueError, match="not exported by lightly_msn"):
+        load_backbone(foreign)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_backbone(tmp_path / "missing.ckpt")
+
+
+def extract_cifar_images(root: Path, per_class: int = 8) -> Path:
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(f"CIFAR-10 JPEG archive not found at {CIFAR_TARBALL}")
+    wanted = {"cat", "ship"}
+    counts: dict[str, int] = {}
+    with tarfile.open(CIFAR_TARBALL) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if len(parts) < 3 or parts[-3] != "train" or parts[-2] not in wanted:
+                continue
+            if counts.get(parts[-2], 0) >= per_class:
+                if all(counts.get(c, 0) >= per_class for c in wanted):
+                    break
+                continue
+            counts[parts[-2]] = counts.get(parts[-2], 0) + 1
+            member.name = str(Path(*parts[-2:]))
+            archive.extract(member, root, filter="data")
+    return root
+
+
+def test_cli_pretrain_on_real_cifar10_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = extract_cifar_images(tmp_path / "images")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "pretrain", "--data", str(data), "--model", "vit_tiny_patch16_224",
+            "--img-size", "32", "--patch-size", "8", "--epochs", "1",
+            "--batch-size", "8", "--focal-views", "2", "--num-workers", "0",
+            "--num-prototypes", "16", "--devices", "1", "--accelerator", "cpu",
+            "--output-dir", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "backbone.safetensors" in printed
+    for name in ("backbone.safetensors", "metrics.csv", "training.png"):
+        assert (out / name).is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    features = load_backbone(out / "backbone.safetensors")(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 192)
+
+
+def write_images(folder: Path, sizes: list[int]) -> None:
+    folder.mkdir(parents=True)
+    for index, size in enumerate(sizes):
+        Image.new("RGB", (size, size), (index * 20, 0, 0)).save(folder / f"{index}.png")
+
+
+def run_cli(data: Path, tmp_path: Path, *extra: str) -> int:
+    return main(
+        [
+            "pretrain", "--data", str(data), "--img-size", "16", "--patch-size", "4",
+            "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+            "--focal-views", "1", "--num-prototypes", "8", "--devices", "1",
+            "--accelerator", "cpu", "--output-dir", str(tmp_path / "run"), *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_cli_reports_missing_and_empty_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(tmp_path / "nowhere", tmp_path) == 2
+    assert "does not exist" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert run_cli(tmp_path / "empty", tmp_path) == 2
+    assert "no class sub-folders" in capsys.readouterr().out
+
+
+def test_cli_unreadable_images_fail_or_are_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    write_images(data / "a", [16] * 8)
+    (data / "a" / "broken.png").write_bytes(b"not an image")
+    assert run_cli(data, tmp_path) == 2
+    assert "broken.png" in capsys.readouterr().out
+    assert run_cli(data, tmp_path, "--on-bad-image", "skip") == 0
+
+
+def test_cli_rejects_images_smaller_than_the_crop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    write_images(data / "a", [16] * 7 + [8])
+    assert run_cli(data, tmp_path) == 2
+    message = capsys.readouterr().out
+    assert "7.png" in message and "16" in message
+
+
+def test_cli_rejects_a_missing_resume_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    write_images(data / "a", [16] * 8)
+    assert run_cli(data, tmp_path, "--resume", str(tmp_path / "gone.ckpt")) == 2
+    assert "gone.ckpt" in capsys.readouterr().out
+
+
+def test_pretrain_accepts_a_lightly_dataset(tmp_path: Path) -> None:
+    from lightly.data import LightlyDataset
+
+    write_images(tmp_path / "images", [16] * 8)
+    dataset = LightlyDataset(str(tmp_path / "images"))
+    result = pretrain(
+        dataset, model=tiny_vit(), output_dir=tmp_path / "run", epochs=1,
+        **{**TINY_PRETRAIN, "batch_size": 4},
+    )  # fmt: skip
+    assert result.module.global_step == 2
