@@ -21,6 +21,7 @@ from benchmarks.methods.base import BenchmarkConfig
 from benchmarks.run import (
     TransformedSubset,
     balanced_indices,
+    load_profile,
     main,
     parse_overrides,
 )
@@ -321,3 +322,22 @@ def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
     assert 0 <= record["retrieval"]["mean_average_precision_at_r"] <= 100
     assert math.isfinite(record["pretrain"]["final_loss"])
     assert (tmp_path / "e2e" / "results.md").read_text().startswith("| method |")
+
+
+def test_profiles_load_and_imagenet_follows_the_paper() -> None:
+    quick = BenchmarkConfig.from_dict(load_profile("cpu-quick"))
+    assert (quick.img_size, quick.patch_size, quick.accelerator) == (32, 4, "cpu")
+    imagenet = BenchmarkConfig.from_dict(load_profile("imagenet-vits16"))
+    assert imagenet.global_batch_size == 1024
+    assert (imagenet.img_size, imagenet.patch_size, imagenet.embed_dim) == (
+        224,
+        16,
+        384,
+    )
+    assert (imagenet.local_size, imagenet.num_local_views) == (96, 10)
+    assert imagenet.precision == "bf16-mixed"
+    msn_recipe = imagenet.recipe("msn", load_method("msn").defaults)
+    assert msn_recipe["lr_per_256"] * imagenet.global_batch_size / 256 == 1e-3
+    assert msn_recipe["mask_ratio"] == 0.15
+    with pytest.raises(ValueError, match="no profile 'gpu-fast'.*cpu-quick"):
+        load_profile("gpu-fast")
