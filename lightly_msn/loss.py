@@ -541,24 +541,26 @@ class _AnchorLoss(torch.autograd.Function):
         num_anchors = anchors.shape[0]
         batch_size = targets.shape[0]
         num_views = num_anchors // batch_size
+        # d loss / d logits, with the chain-rule factor folded into the vectors
+        scale = grad_loss * ctx.inverse_temperature / num_anchors
         weight = ctx.regularization_weight
         target_mass = targets.sum(dim=1).repeat(num_views)
         row_offset = weight * (probabilities @ log_ratio) - target_mass
         if ctx.entropy_weight > 0:
             row_offset = row_offset + ctx.entropy_weight * row_entropy
-        grad_logits = torch.sub(weight * log_ratio, row_offset[:, None])
+        grad_logits = torch.sub(
+            (weight * scale) * log_ratio, (scale * row_offset)[:, None]
+        )
         grad_logits.mul_(probabilities)
         if ctx.entropy_weight > 0:
-            grad_logits.sub_(
-                torch.xlogy(probabilities, probabilities), alpha=ctx.entropy_weight
-            )
-        grad_logits.view(num_views, batch_size, -1).sub_(targets)
-        scale = grad_loss * ctx.inverse_temperature / num_anchors
+            entropy_grad = torch.xlogy(probabilities, probabilities)
+            grad_logits.sub_(entropy_grad.mul_(ctx.entropy_weight * scale))
+        grad_logits.view(num_views, batch_size, -1).sub_(scale * targets)
         grad_anchors = grad_prototypes = None
         if ctx.needs_input_grad[0]:
-            grad_anchors = torch.mm(grad_logits, prototypes).mul_(scale)
+            grad_anchors = torch.mm(grad_logits, prototypes)
         if ctx.needs_input_grad[1]:
-            grad_prototypes = torch.mm(grad_logits.T, anchors).mul_(scale)
+            grad_prototypes = torch.mm(grad_logits.T, anchors)
         return grad_anchors, grad_prototypes, None, None, None, None, None, None
 
 

@@ -350,3 +350,20 @@ def test_prior_size_must_match_number_of_prototypes() -> None:
 def test_bad_sharpen_temperature_raises() -> None:
     with pytest.raises(ValueError, match="target_sharpen_temperature must be in"):
         MSNLoss()(torch.randn(8, 4), torch.randn(4, 4), torch.randn(6, 4), 0.0)
+
+
+def test_upstream_gradient_scales_and_frozen_inputs_get_none() -> None:
+    anchors, targets, prototypes = random_inputs(8, 3, 16, 8)
+    loss_fn = MSNLoss(entropy_weight=0.2)
+    _, grad_anchors, grad_prototypes = loss_and_grads(
+        loss_fn, anchors, targets, prototypes
+    )
+    scaled = loss_and_grads(
+        lambda a, t, p: -2.5 * loss_fn(a, t, p), anchors, targets, prototypes
+    )
+    torch.testing.assert_close(scaled[1], -2.5 * grad_anchors)
+    torch.testing.assert_close(scaled[2], -2.5 * grad_prototypes)
+
+    frozen = prototypes.detach()
+    loss_fn(anchors, targets, frozen).backward()
+    torch.testing.assert_close(anchors.grad, grad_anchors)
