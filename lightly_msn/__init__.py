@@ -40,6 +40,9 @@ _EXPORTS: dict[str, str] = {
     "MSNTransform": "lightly_msn.transforms",
     "MSNViewTransform": "lightly_msn.transforms",
     "MSN": "lightly_msn.model",
+    "load_backbone": "lightly_msn.model",
+    "MSNLightningModule": "lightly_msn.train",
+    "pretrain": "lightly_msn.train",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -55,7 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sinkhorn,
     )
     from lightly_msn.masking import focal_token_mask, random_token_mask
-    from lightly_msn.model import MSN
+    from lightly_msn.model import MSN, load_backbone
     from lightly_msn.schedules import (
         CosineSchedule,
         LinearSchedule,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         WarmupCosineSchedule,
         cosine_schedule,
     )
+    from lightly_msn.train import MSNLightningModule, pretrain
     from lightly_msn.transforms import MSNTransform, MSNViewTransform
 
 
