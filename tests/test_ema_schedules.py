@@ -13,7 +13,7 @@ from lightly.utils.scheduler import cosine_schedule as lightly_cosine_schedule
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lightly_msn.ema import update_momentum
+from lightly_msn.ema import _parameters_and_buffers, update_momentum
 from lightly_msn.schedules import (
     CosineSchedule,
     LinearSchedule,
@@ -107,6 +107,35 @@ def test_update_momentum_can_leave_buffers_untouched_like_lightly() -> None:
 
     for old, new in zip(before, ema.buffers(), strict=True):
         assert torch.equal(old, new)
+
+
+class _TiedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.decoder = nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight  # tied parameter
+        self.again = self.encoder  # shared submodule
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+
+def test_module_walk_matches_nn_module_order_and_deduplication() -> None:
+    for model in (_tiny_vit(), _TiedNet(), _bn_net()):
+        params, buffers = _parameters_and_buffers(model)
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()]
+        assert [id(b) for b in buffers] == [id(b) for b in model.buffers()]
+
+
+def test_update_momentum_updates_tied_parameters_once() -> None:
+    torch.manual_seed(0)
+    model = _TiedNet()
+    ema = _TiedNet()
+    before = ema.encoder.weight.detach().clone()
+    update_momentum(model, ema, m=0.5)
+    torch.testing.assert_close(
+        ema.decoder.weight, 0.5 * before + 0.5 * model.encoder.weight
+    )
 
 
 def test_update_momentum_rejects_bad_momentum_and_mismatched_models() -> None:
