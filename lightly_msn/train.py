@@ -541,12 +541,15 @@ def pretrain(
     if world_size > 1 and trainer.strategy.root_device.type == "cuda":
         # heads' BatchNorm over the global batch; SyncBatchNorm has no CPU kernel
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    metrics_path = output_dir / "metrics.csv"
+    # Lightning's CSV logger starts a new file; keep the rows before the resume
+    earlier_rows = _read_rows(metrics_path) if resume is not None else []
     trainer.fit(module, loader, ckpt_path=str(resume) if resume is not None else None)
 
     backbone_path = output_dir / BACKBONE_FILE
-    metrics_path = output_dir / "metrics.csv"
     plot_path: Path | None = None
     if trainer.is_global_zero:
+        _prepend_rows(metrics_path, earlier_rows)
         export_backbone(
             module.model.backbone_state_dict("target"), module.vit_config, backbone_path
         )
@@ -666,6 +669,29 @@ def _dataset_with_transform(
         min_size=min_size,
     )
     return dataset
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def _prepend_rows(path: Path, earlier_rows: list[dict[str, str]]) -> None:
+    """Puts the rows of steps before the first step in ``path`` in front of it."""
+    rows = _read_rows(path)
+    first_step = min((int(row["step"]) for row in rows), default=None)
+    if first_step is None:
+        return
+    earlier = [row for row in earlier_rows if int(row["step"]) < first_step]
+    if not earlier:
+        return
+    fields = list(dict.fromkeys([*rows[0].keys(), *earlier[0].keys()]))
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows([*earlier, *rows])
 
 
 def _tensorboard_available() -> bool:

@@ -1,3 +1,4 @@
+import csv
 import logging
 import tarfile
 from pathlib import Path
@@ -101,6 +102,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     for name in ("epoch=000.ckpt", "epoch=001.ckpt", "last.ckpt"):
         assert (tmp_path / "a" / "checkpoints" / name).is_file()
     assert full.plot is not None and full.plot.stat().st_size > 0
+    # the metrics of the resumed run cover both epochs, each step once
+    with (tmp_path / "b" / "metrics.csv").open() as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row["loss"]]
+    assert steps == list(range(8))
 
 
 def test_export_loads_into_timm_without_missing_keys(
