@@ -45,7 +45,31 @@ _EXPORTS: dict[str, str] = {
     "pretrain": "lightly_msn.train",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# a literal list, so that linters see the TYPE_CHECKING imports as re-exports
+__all__ = [
+    "__version__",
+    "MSNLoss",
+    "MSNLossOutput",
+    "prototype_probabilities",
+    "sharpen",
+    "sinkhorn",
+    "MSNProjectionHead",
+    "MSNPrototypes",
+    "random_token_mask",
+    "focal_token_mask",
+    "update_momentum",
+    "cosine_schedule",
+    "WarmupCosineSchedule",
+    "CosineSchedule",
+    "LinearSchedule",
+    "MSNSchedules",
+    "MSNTransform",
+    "MSNViewTransform",
+    "MSN",
+    "load_backbone",
+    "MSNLightningModule",
+    "pretrain",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lightly_msn.ema import update_momentum

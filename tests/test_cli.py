@@ -49,3 +49,14 @@ def test_unknown_public_name_raises_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
         lightly_msn.NotAThing  # noqa: B018
+
+
+def test_every_public_name_resolves_to_its_module() -> None:
+    import importlib
+
+    import lightly_msn
+
+    assert lightly_msn.__all__ == ["__version__", *lightly_msn._EXPORTS]
+    for name, module in lightly_msn._EXPORTS.items():
+        value = getattr(lightly_msn, name)
+        assert value is getattr(importlib.import_module(module), name)
