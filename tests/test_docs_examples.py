@@ -23,7 +23,7 @@ def _markdown_files() -> list[Path]:
 
 
 def python_blocks(text: str) -> list[tuple[int, str, bool]]:
-    """Returns ``(first_line, code, illustrative)`` for each python fence in ``text``."""
+    """Returns ``(first_line, code, illustrative)`` per python fence in ``text``."""
     lines = text.splitlines()
     blocks: list[tuple[int, str, bool]] = []
     index = 0
