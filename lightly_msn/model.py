@@ -322,7 +322,9 @@ class MSN(nn.Module):
         for group in _groups_of_same_size(focal_views):
             images = torch.cat(list(group))
             features.append(self._class_token(self.anchor_backbone, images, None))
-        return self.anchor_projection_head(torch.cat(features))
+        # the head (and its BatchNorm statistics) runs per group of views, as the
+        # official code and lightly's example do
+        return torch.cat([self.anchor_projection_head(f) for f in features])
 
     @torch.no_grad()
     def backbone_features(
