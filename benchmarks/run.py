@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from lightning import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import results
@@ -401,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """Whether this process is rank 0 (Lightning reads RANK, SLURM_PROCID, ...)."""
+    return rank_zero_only.rank == 0
 
 
 if __name__ == "__main__":
