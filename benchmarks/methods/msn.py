@@ -36,6 +36,7 @@ class MSNMethod(MSNLightningModule):
         final_lr=1e-6,
         weight_decay=0.04,
         final_weight_decay=0.4,
+        momentum=0.996,
         mask_ratio=0.15,
         num_prototypes=1024,
         feature_norm=True,  # class token after the final norm, as for the others
@@ -58,6 +59,7 @@ class MSNMethod(MSNLightningModule):
             warmup_steps=steps_per_epoch * config.warmup_epochs,
             weight_decay=recipe["weight_decay"],
             final_weight_decay=recipe["final_weight_decay"],
+            momentum=recipe["momentum"],
             gather_distributed=config.global_batch_size > config.batch_size,
         )
         method.config = config
