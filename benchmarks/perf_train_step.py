@@ -1,0 +1,226 @@
+"""Throughput of one MSN training step: lightly_msn versus lightly's own MSN recipe.
+
+Both sides train the same ViT (32 px images, patch 4, dim 192, depth 6, 3 heads) on
+the same views per image (1 target, 1 masked random anchor, 4 focal views of 16 px),
+batch 64, random tensors, with a 2048-256 projection head and 1024 prototypes.
+
+- lightly: the composition of lightly's ``examples/pytorch/msn.py`` on timm
+  (``MaskedVisionTransformerTIMM``, ``MSNProjectionHead``, ``MSNLoss``,
+  ``update_momentum``, AdamW), with mask ratio 0.15 on the anchor and focal views.
+- ours: ``MSNLightningModule``'s step (``lightly_msn.model.MSN`` + ``MSNLoss``,
+  official optimizer groups, gradient clipping, EMA), the focal views unmasked as
+  in the official code.
+
+Reported per configuration, as medians over interleaved repeats in one run: step
+time, images/s, the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``),
+GFLOP/s and MFU against the same-run fp32 matmul peak.
+
+Usage::
+
+    python benchmarks/perf_train_step.py [--repeats 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import timm
+import torch
+from lightly.loss import MSNLoss as LightlyMSNLoss
+from lightly.models import utils as lightly_utils
+from lightly.models.modules import MaskedVisionTransformerTIMM
+from lightly.models.modules.heads import MSNProjectionHead as LightlyHead
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightly_msn.train import MSNLightningModule
+
+BATCH_SIZE = 64
+IMG_SIZE = 32
+FOCAL_SIZE = 16
+NUM_FOCAL = 4
+VIT_KWARGS = dict(
+    img_size=IMG_SIZE,
+    patch_size=4,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+    num_classes=0,
+    dynamic_img_size=True,
+)
+
+
+def make_views() -> list[Tensor]:
+    views = [torch.randn(BATCH_SIZE, 3, IMG_SIZE, IMG_SIZE) for _ in range(2)]
+    views += [
+        torch.randn(BATCH_SIZE, 3, FOCAL_SIZE, FOCAL_SIZE) for _ in range(NUM_FOCAL)
+    ]
+    return views
+
+
+class LightlyRecipe(nn.Module):
+    """lightly's ``examples/pytorch/msn.py`` model, on a timm ViT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
+        self.mask_ratio = 0.15
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        self.projection_head = LightlyHead(input_dim=192)
+        self.anchor_backbone = copy.deepcopy(self.backbone)
+        self.anchor_projection_head = copy.deepcopy(self.projection_head)
+        lightly_utils.deactivate_requires_grad(self.backbone)
+        lightly_utils.deactivate_requires_grad(self.projection_head)
+        self.prototypes = nn.Linear(256, 1024, bias=False).weight
+
+    def forward_masked(self, images: Tensor) -> Tensor:
+        batch_size, _, _, width = images.shape
+        patch_size = self.anchor_backbone.vit.patch_embed.patch_size[0]
+        seq_length = (width // patch_size) ** 2
+        idx_keep, _ = lightly_utils.random_token_mask(
+            size=(batch_size, seq_length), mask_ratio=self.mask_ratio
+        )
+        out = self.anchor_backbone(images=images, idx_keep=idx_keep)
+        return self.anchor_projection_head(out)  # type: ignore[no-any-return]
+
+
+def lightly_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
+    torch.manual_seed(0)
+    model = LightlyRecipe()
+    criterion = LightlyMSNLoss()
+    params = [
+        *model.anchor_backbone.parameters(),
+        *model.anchor_projection_head.parameters(),
+        model.prototypes,
+    ]
+    optimizer = torch.optim.AdamW(params, lr=1.5e-4)
+
+    def step(views: list[Tensor]) -> float:
+        lightly_utils.update_momentum(model.anchor_backbone, model.backbone, 0.996)
+        lightly_utils.update_momentum(
+            model.anchor_projection_head, model.projection_head, 0.996
+        )
+        with autocast(precision):
+            targets = model.projection_head(model.backbone(views[0]))
+            anchors = model.forward_masked(views[1])
+            focal = model.forward_masked(torch.cat(views[2:]))
+            loss = criterion(
+                torch.cat([anchors, focal]), targets, model.prototypes.data
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    return step
+
+
+def ours_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
+    module = MSNLightningModule(model=vit, mask_ratio=0.15, max_steps=1000)
+    optimizer = module.configure_optimizers()
+    iteration = 0
+
+    def step(views: list[Tensor]) -> float:
+        # what Lightning runs per batch: training_step, backward, the clipping
+        # hook, the optimizer step, then the EMA update of on_train_batch_end
+        nonlocal iteration
+        with autocast(precision):
+            output = module.compute_loss(views, iteration)
+        output.loss.backward()
+        module.clip_anchor_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+        module.model.update_target(module.schedule_values(iteration)["momentum"])
+        iteration += 1
+        if output.loss.dtype != torch.float32 or not torch.isfinite(output.loss):
+            raise RuntimeError("the MSN loss must be finite float32")
+        return output.loss.item()
+
+    return step
+
+
+def autocast(precision: str) -> AbstractContextManager[object]:
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def matmul_peak_gflops(repeats: int) -> float:
+    """fp32 GFLOP/s of a square matmul the size of the ViT's MLP matmuls."""
+    a = torch.randn(4096, 768)
+    b = torch.randn(768, 768)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats * 4):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 4096 * 768 * 768 / statistics.median(times) / 1e9
+
+
+def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(views)
+    return int(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    views = make_views()
+    configs = {
+        "lightly fp32": lightly_step_fn("32-true"),
+        "ours fp32": ours_step_fn("32-true"),
+        "lightly bf16-mixed": lightly_step_fn("bf16-mixed"),
+        "ours bf16-mixed": ours_step_fn("bf16-mixed"),
+    }
+    flops = {name: step_flops(step, views) for name, step in configs.items()}
+    for step in configs.values():  # warm-up
+        step(views)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    losses: dict[str, float] = {}
+    peaks = []
+    for _ in range(args.repeats):
+        peaks.append(matmul_peak_gflops(1))
+        for name, step in configs.items():
+            start = time.perf_counter()
+            losses[name] = step(views)
+            times[name].append(time.perf_counter() - start)
+    peak = statistics.median(peaks)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (median of {args.repeats})")
+    baseline = BATCH_SIZE / statistics.median(times["lightly fp32"])
+    header = (
+        "| config | step ms | img/s | x lightly fp32 | GFLOP/step | GFLOP/s | "
+        "MFU (fp32 peak) | loss |"
+    )
+    print(header)
+    print("|---" * 8 + "|")
+    for name in configs:
+        seconds = statistics.median(times[name])
+        throughput = BATCH_SIZE / seconds
+        gflops = flops[name] / 1e9
+        print(
+            f"| {name} | {seconds * 1e3:.0f} | {throughput:.1f} | "
+            f"{throughput / baseline:.2f} | {gflops:.1f} | {gflops / seconds:.1f} | "
+            f"{gflops / seconds / peak:.0%} | {losses[name]:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
