@@ -189,6 +189,9 @@ def _save_plot(
         axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label)
     if log_x:
         axes.set_xscale("log")
+        ticks = sorted({value for _, x, _, _ in series for value in x})
+        axes.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
+        axes.minorticks_off()
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
