@@ -16,7 +16,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-# Defaults tuned on 2 CPU cores (about 3 minutes); see docs/training.md. The digits
+# Defaults tuned on 2 CPU cores (3 minutes); see docs/training.md. The digits
 # are small, centred and grey: the augmentation is milder than the 32 px preset (no
 # colour jitter, grey scale or flips, larger crops), which lets MSN learn in a few
 # hundred steps.
@@ -27,7 +27,7 @@ DEMO_SETTINGS: dict[str, Any] = dict(
     focal_size=8,
     random_views=2,
     focal_views=2,
-    epochs=25,
+    epochs=60,
     batch_size=64,
     lr=3e-3,
     start_lr=2e-4,
