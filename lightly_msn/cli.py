@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightly-msn",
         description="Masked Siamese Networks (MSN) for lightly: pretrain, evaluate.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
