@@ -18,6 +18,7 @@ GFLOP/s and MFU against the same-run fp32 matmul peak.
 Usage::
 
     python benchmarks/perf_train_step.py [--repeats 5] [--threads N]
+    python benchmarks/perf_train_step.py --device cuda --batch-size 256  # GPU check
 """
 
 from __future__ import annotations
@@ -55,12 +56,9 @@ VIT_KWARGS = dict(
 )
 
 
-def make_views() -> list[Tensor]:
-    views = [torch.randn(BATCH_SIZE, 3, IMG_SIZE, IMG_SIZE) for _ in range(2)]
-    views += [
-        torch.randn(BATCH_SIZE, 3, FOCAL_SIZE, FOCAL_SIZE) for _ in range(NUM_FOCAL)
-    ]
-    return views
+def make_views(batch_size: int, device: torch.device) -> list[Tensor]:
+    sizes = [IMG_SIZE] * 2 + [FOCAL_SIZE] * NUM_FOCAL
+    return [torch.randn(batch_size, 3, size, size, device=device) for size in sizes]
 
 
 class LightlyRecipe(nn.Module):
@@ -83,15 +81,19 @@ class LightlyRecipe(nn.Module):
         patch_size = self.anchor_backbone.vit.patch_embed.patch_size[0]
         seq_length = (width // patch_size) ** 2
         idx_keep, _ = lightly_utils.random_token_mask(
-            size=(batch_size, seq_length), mask_ratio=self.mask_ratio
+            size=(batch_size, seq_length),
+            mask_ratio=self.mask_ratio,
+            device=images.device,
         )
         out = self.anchor_backbone(images=images, idx_keep=idx_keep)
         return self.anchor_projection_head(out)  # type: ignore[no-any-return]
 
 
-def lightly_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
+def lightly_step_fn(
+    precision: str, device: torch.device
+) -> Callable[[list[Tensor]], float]:
     torch.manual_seed(0)
-    model = LightlyRecipe()
+    model = LightlyRecipe().to(device)
     criterion = LightlyMSNLoss()
     params = [
         *model.anchor_backbone.parameters(),
@@ -105,7 +107,7 @@ def lightly_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
         lightly_utils.update_momentum(
             model.anchor_projection_head, model.projection_head, 0.996
         )
-        with autocast(precision):
+        with autocast(precision, device):
             targets = model.projection_head(model.backbone(views[0]))
             anchors = model.forward_masked(views[1])
             focal = model.forward_masked(torch.cat(views[2:]))
@@ -120,10 +122,13 @@ def lightly_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
     return step
 
 
-def ours_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
+def ours_step_fn(
+    precision: str, device: torch.device
+) -> Callable[[list[Tensor]], float]:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
     module = MSNLightningModule(model=vit, mask_ratio=0.15, max_steps=1000)
+    module.to(device)
     optimizer = module.configure_optimizers()
     iteration = 0
 
@@ -131,7 +136,7 @@ def ours_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
         # what Lightning runs per batch: training_step, backward, the clipping
         # hook, the optimizer step, then the EMA update of on_train_batch_end
         nonlocal iteration
-        with autocast(precision):
+        with autocast(precision, device):
             output = module.compute_loss(views, iteration)
         output.loss.backward()
         module.clip_anchor_gradients()
@@ -146,24 +151,32 @@ def ours_step_fn(precision: str) -> Callable[[list[Tensor]], float]:
     return step
 
 
-def autocast(precision: str) -> AbstractContextManager[object]:
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
     if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def matmul_peak_gflops(repeats: int) -> float:
-    """fp32 GFLOP/s of a square matmul the size of the ViT's MLP matmuls."""
-    a = torch.randn(4096, 768)
-    b = torch.randn(768, 768)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(repeats: int, device: torch.device) -> float:
+    """fp32 GFLOP/s of a matmul the size of the ViT's MLP matmuls (larger on GPU)."""
+    rows, dim = (4096, 768) if device.type == "cpu" else (65536, 4096)
+    a = torch.randn(rows, dim, device=device)
+    b = torch.randn(dim, dim, device=device)
     for _ in range(3):
         a @ b
     times = []
     for _ in range(repeats * 4):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return 2 * 4096 * 768 * 768 / statistics.median(times) / 1e9
+    return 2 * rows * dim * dim / statistics.median(times) / 1e9
 
 
 def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
@@ -177,16 +190,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batch_size = args.batch_size
 
-    views = make_views()
+    views = make_views(batch_size, device)
     configs = {
-        "lightly fp32": lightly_step_fn("32-true"),
-        "ours fp32": ours_step_fn("32-true"),
-        "lightly bf16-mixed": lightly_step_fn("bf16-mixed"),
-        "ours bf16-mixed": ours_step_fn("bf16-mixed"),
+        "lightly fp32": lightly_step_fn("32-true", device),
+        "ours fp32": ours_step_fn("32-true", device),
+        "lightly bf16-mixed": lightly_step_fn("bf16-mixed", device),
+        "ours bf16-mixed": ours_step_fn("bf16-mixed", device),
     }
     flops = {name: step_flops(step, views) for name, step in configs.items()}
     for step in configs.values():  # warm-up
@@ -195,16 +212,21 @@ def main() -> None:
     losses: dict[str, float] = {}
     peaks = []
     for _ in range(args.repeats):
-        peaks.append(matmul_peak_gflops(1))
+        peaks.append(matmul_peak_gflops(1, device))
         for name, step in configs.items():
             start = time.perf_counter()
             losses[name] = step(views)
             times[name].append(time.perf_counter() - start)
     peak = statistics.median(peaks)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} CPU threads"
+    )
+    print(f"torch {torch.__version__}, {where}, batch {batch_size}")
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (median of {args.repeats})")
-    baseline = BATCH_SIZE / statistics.median(times["lightly fp32"])
+    baseline = batch_size / statistics.median(times["lightly fp32"])
     header = (
         "| config | step ms | img/s | x lightly fp32 | GFLOP/step | GFLOP/s | "
         "MFU (fp32 peak) | loss |"
@@ -213,7 +235,7 @@ def main() -> None:
     print("|---" * 8 + "|")
     for name in configs:
         seconds = statistics.median(times[name])
-        throughput = BATCH_SIZE / seconds
+        throughput = batch_size / seconds
         gflops = flops[name] / 1e9
         print(
             f"| {name} | {seconds * 1e3:.0f} | {throughput:.1f} | "
