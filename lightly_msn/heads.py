@@ -32,6 +32,13 @@ class MSNProjectionHead(_LightlyMSNProjectionHead):
             Output dimension, the dimension of the prototypes.
     """
 
+    def __init__(
+        self, input_dim: int = 768, hidden_dim: int = 2048, output_dim: int = 256
+    ) -> None:
+        super().__init__(
+            input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim
+        )
+
 
 class MSNPrototypes(nn.Module):
     """Learnable prototypes of MSN [0], a ``(num_prototypes, dim)`` matrix.

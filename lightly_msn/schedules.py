@@ -194,11 +194,15 @@ class MSNSchedules:
         Args:
             max_steps: Number of training steps (epochs x iterations per epoch).
             warmup_steps: Learning-rate warm-up steps (15 epochs officially).
-            lr, start_lr, final_lr: Peak, initial and final learning rate.
-            weight_decay, final_weight_decay: Start and end of the weight decay.
-            momentum, final_momentum: Start and end of the EMA momentum.
-            sharpen_temperature, final_sharpen_temperature: Start and end of the
-                target sharpening temperature.
+            lr: Peak learning rate, reached at the end of the warm-up.
+            start_lr: Initial learning rate, at the start of the warm-up.
+            final_lr: Final learning rate, at the end of the cosine decay.
+            weight_decay: Start of the weight decay.
+            final_weight_decay: End of the weight decay.
+            momentum: Start of the EMA momentum.
+            final_momentum: End of the EMA momentum.
+            sharpen_temperature: Start of the target sharpening temperature.
+            final_sharpen_temperature: End of the target sharpening temperature.
             ipe_scale: Stretch of all four schedules (1.25 officially).
         """
         return cls(

@@ -57,8 +57,21 @@ class MSNLightningModule(LightningModule):
     Attributes:
         model:
             A timm ViT name or ``VisionTransformer`` instance (see ``MSN``).
-        img_size, patch_size, mask_ratio, focal_masking, num_focal_masks,
-        hidden_dim, output_dim, num_prototypes:
+        img_size:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        patch_size:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        mask_ratio:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        focal_masking:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        num_focal_masks:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        hidden_dim:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        output_dim:
+            Passed to :class:`~lightly_msn.model.MSN`.
+        num_prototypes:
             Passed to :class:`~lightly_msn.model.MSN`.
         num_random_views:
             Random views per image including the target view (the transform's
@@ -71,15 +84,27 @@ class MSNLightningModule(LightningModule):
             Weight of the mean-entropy maximisation regulariser.
         entropy_weight:
             Weight of the per-sample entropy term (official ``ent_weight``, 0).
-        lr, start_lr, final_lr, warmup_steps:
-            Learning rate: linear warm-up from ``start_lr`` to ``lr`` over
+        lr:
+            Peak learning rate: linear warm-up from ``start_lr`` to ``lr`` over
             ``warmup_steps``, then cosine decay to ``final_lr``.
-        weight_decay, final_weight_decay:
-            Cosine weight decay schedule.
-        momentum, final_momentum:
-            Linear EMA momentum schedule of the target encoder.
-        sharpen_temperature, final_sharpen_temperature:
-            Linear schedule of the target sharpening temperature.
+        start_lr:
+            Learning rate at the start of the linear warm-up.
+        final_lr:
+            Learning rate at the end of the cosine decay.
+        warmup_steps:
+            Length of the linear learning-rate warm-up, in steps.
+        weight_decay:
+            Start of the cosine weight decay schedule.
+        final_weight_decay:
+            End of the cosine weight decay schedule.
+        momentum:
+            Start of the linear EMA momentum schedule of the target encoder.
+        final_momentum:
+            End of the linear EMA momentum schedule of the target encoder.
+        sharpen_temperature:
+            Start of the linear schedule of the target sharpening temperature.
+        final_sharpen_temperature:
+            End of the linear schedule of the target sharpening temperature.
         schedule_scale:
             The schedules run over ``schedule_scale * max_steps`` steps (1.25 in the
             official code, so training stops before their end values).
@@ -408,19 +433,30 @@ def pretrain(
             Root for ``"cifar10"``.
         model:
             A timm ViT name or instance.
-        img_size, patch_size:
-            Random view size and ViT patch size (``patch_size=None`` keeps the
-            model's).
+        img_size:
+            Random view size.
+        patch_size:
+            ViT patch size (``patch_size=None`` keeps the model's).
         focal_size:
             Focal view size; default ``img_size // 2`` for images up to 64 px,
             else ``img_size * 3 // 7`` (96 for 224, as in [0]).
-        random_views, focal_views:
-            Views per image: random views including the target, and focal views.
-        epochs, batch_size:
-            Training length and per-device batch size.
+        random_views:
+            Random views per image, including the target.
+        focal_views:
+            Focal views per image.
+        epochs:
+            Training length, in epochs.
+        batch_size:
+            Per-device batch size.
         warmup_epochs:
             Learning rate warm-up, in epochs (15 of 800 in [0]).
-        devices, num_nodes, accelerator, precision:
+        devices:
+            Passed to ``lightning.Trainer``.
+        num_nodes:
+            Passed to ``lightning.Trainer``.
+        accelerator:
+            Passed to ``lightning.Trainer``.
+        precision:
             Passed to ``lightning.Trainer`` (``precision="bf16-mixed"`` for
             autocast; the loss stays float32).
         num_workers:

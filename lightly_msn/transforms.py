@@ -246,9 +246,18 @@ class MSNTransform:
         random_crop_scale: Min and max crop area of the random views, relative
             to the image.
         focal_crop_scale: Min and max crop area of the focal views.
-        cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue,
-        gaussian_blur, sigmas, random_gray_scale, hf_prob, vf_prob, normalize:
-            As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_prob: As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_strength: As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_bright: As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_contrast: As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_sat: As in :class:`MSNViewTransform`, for both kinds of views.
+        cj_hue: As in :class:`MSNViewTransform`, for both kinds of views.
+        gaussian_blur: As in :class:`MSNViewTransform`, for both kinds of views.
+        sigmas: As in :class:`MSNViewTransform`, for both kinds of views.
+        random_gray_scale: As in :class:`MSNViewTransform`, for both kinds of views.
+        hf_prob: As in :class:`MSNViewTransform`, for both kinds of views.
+        vf_prob: As in :class:`MSNViewTransform`, for both kinds of views.
+        normalize: As in :class:`MSNViewTransform`, for both kinds of views.
     """
 
     def __init__(

@@ -35,7 +35,9 @@ def embed(
             ``MSN.backbone_features``' module, ``load_backbone(path)`` or a timm model.
         dataset:
             Yields ``(image tensor, label)`` pairs (give it a ``ToTensor`` transform).
-        batch_size, num_workers:
+        batch_size:
+            Passed to the ``DataLoader``.
+        num_workers:
             Passed to the ``DataLoader``.
         device:
             Defaults to CUDA when available, else CPU.

@@ -203,10 +203,14 @@ def few_shot_eval(
     """Runs the few-shot protocol for every setting in ``shots``.
 
     Args:
-        train_features, train_labels:
-            The labelled pool the few-shot examples are drawn from.
-        test_features, test_labels:
-            Every test example is scored.
+        train_features:
+            Features of the labelled pool the few-shot examples are drawn from.
+        train_labels:
+            Labels of the labelled pool the few-shot examples are drawn from.
+        test_features:
+            Features of the test examples; every test example is scored.
+        test_labels:
+            Labels of the test examples.
         shots:
             Ints (images per class) and fractions (e.g. 0.01 for 1 %).
         seeds:

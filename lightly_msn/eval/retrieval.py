@@ -35,11 +35,17 @@ def retrieval_metrics(
     """Retrieval metrics in percent.
 
     Args:
-        query_features, query_labels:
-            The queries, (N, D) and (N,).
-        reference_features, reference_labels:
-            The searched set. When omitted, the queries are searched among
-            themselves and every query's match with itself is excluded.
+        query_features:
+            Features of the queries, (N, D).
+        query_labels:
+            Labels of the queries, (N,).
+        reference_features:
+            Features of the searched set. When omitted (together with
+            ``reference_labels``), the queries are searched among themselves and
+            every query's match with itself is excluded.
+        reference_labels:
+            Labels of the searched set; give it exactly when
+            ``reference_features`` is given.
         metrics:
             Any of ``precision_at_1``, ``r_precision``, ``mean_average_precision_at_r``.
 
