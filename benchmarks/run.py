@@ -257,7 +257,10 @@ def pretrain_and_evaluate(
     pretrain_seconds = time.perf_counter() - start - monitor_seconds
     if not trainer.is_global_zero:
         return None
-    memory_mb, memory_kind = peak_memory_mb(method.device)
+    # Lightning moves the module back to the CPU after fit; evaluate where it trained
+    device = trainer.strategy.root_device
+    memory_mb, memory_kind = peak_memory_mb(device)
+    method.to(device)
     images_seen = trainer.global_step * config.global_batch_size
 
     start = time.perf_counter()
