@@ -392,22 +392,26 @@ class MSNLoss(nn.Module):
         _check_shapes(anchors, targets, prototypes)
         _check_positive(target_sharpen_temperature, "target_sharpen_temperature")
         with torch.autocast(device_type=anchors.device.type, enabled=False):
-            anchors, targets, prototypes = _normalize_finite(
-                {
-                    "anchors": anchors,
-                    "targets": targets.detach(),
-                    "prototypes": prototypes,
-                }
+            anchors, targets, prototypes = (
+                anchors.float(),
+                targets.detach().float(),
+                prototypes.float(),
             )
+            anchor_norms, target_norms, prototype_norms = _finite_norms(
+                {"anchors": anchors, "targets": targets, "prototypes": prototypes}
+            )
+            unit_prototypes = prototypes.detach() / prototype_norms
             log_targets = self._log_target_probabilities(
-                targets, prototypes.detach(), target_sharpen_temperature
+                targets / target_norms, unit_prototypes, target_sharpen_temperature
             )
             target_probabilities = log_targets.exp()
             log_prior = self._log_prior(prototypes.shape[0], prototypes.device)
             loss, cross_entropy, regularization, entropy, mean_prediction = (
                 _AnchorLoss.apply(
                     anchors,
+                    anchor_norms,
                     prototypes,
+                    prototype_norms,
                     target_probabilities,
                     log_prior,
                     1.0 / self.temperature,
@@ -455,24 +459,39 @@ class MSNLoss(nn.Module):
 
 
 class _AnchorLoss(torch.autograd.Function):
-    """Anchor part of the loss with a hand-written backward pass.
+    """Anchor part of the loss, L2 normalisation included, with a hand-written backward.
 
-    Keeps only the anchor probabilities ``P`` (N x K) for the backward pass and
-    builds the logit gradient in one buffer, instead of the several N x K
-    intermediates that autograd would keep. With ``s_n`` the target mass of row
-    ``n`` (1 up to rounding), ``g = log(mean P) - log(prior)`` and ``h_n`` the
-    entropy of row ``n``, the gradient with respect to the logits is::
+    Autograd would keep several N x K intermediates (log-probabilities,
+    probabilities, their gradients) and run a graph of small kernels for the
+    normalisation; this keeps only the anchor probabilities ``P`` (N x K) and
+    builds the gradient in one buffer.
 
-        N dL/dz_n = P_n (s_n + lambda (g - <P_n, g>))       # cross-entropy, KL
-                    - t_n                                    # cross-entropy
-                    - epsilon (P_n log P_n + h_n P_n)        # entropy
+    Forward. With unit anchors ``a_n``, unit prototypes ``q_k``, similarities
+    ``S = a q^T`` and logits ``Z = S / tau``: ``P = softmax(Z)`` row-wise and
+    ``lse_n = logsumexp(Z_n) = max_k Z_nk - log max_k P_nk`` (the largest
+    probability is ``exp(0) / sum``, so this is as exact as a log-softmax without
+    materialising it). The cross-entropy ``-1/N sum_n <t_n, Z_n - lse_n>`` sums
+    the views before the product with the prototypes:
+    ``sum_n <t_n, Z_n> = <sum_views a, t q> / tau``, an O(B K D) product.
+
+    Backward. With ``s_n`` the target mass of row ``n`` (1 up to rounding),
+    ``g = log(mean P) - log(prior)`` and ``h_n`` the entropy of row ``n``::
+
+        N tau dL/dS_n = P_n (s_n + lambda (g - <P_n, g>))   # cross-entropy, KL
+                        - t_n                                # cross-entropy
+                        - epsilon (P_n log P_n + h_n P_n)    # entropy
+
+    then ``dL/da = dL/dS q``, ``dL/dq = dL/dS^T a`` and, for ``x`` normalised to
+    ``y = x / ||x||``, ``dL/dx = (dL/dy - y <y, dL/dy>) / ||x||``.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         anchors: Tensor,
+        anchor_norms: Tensor,
         prototypes: Tensor,
+        prototype_norms: Tensor,
         targets: Tensor,
         log_prior: Tensor,
         inverse_temperature: float,
@@ -480,19 +499,30 @@ class _AnchorLoss(torch.autograd.Function):
         entropy_weight: float,
         gather_distributed: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        num_anchors = anchors.shape[0]
-        batch_size, num_prototypes = targets.shape
+        num_anchors, dim = anchors.shape
+        batch_size = targets.shape[0]
         num_views = num_anchors // batch_size
-        logits = torch.mm(anchors, (prototypes * inverse_temperature).T)
-        log_probabilities = torch.log_softmax(logits, dim=1)
-        del logits
-        # the targets are shared by all views: sum the views first, O(B K) memory
-        summed_views = log_probabilities.view(num_views, -1).sum(dim=0)
-        cross_entropy = -torch.dot(summed_views, targets.view(-1)) / num_anchors
+        unit_anchors = anchors / anchor_norms
+        unit_prototypes = prototypes / prototype_norms
+        logits = torch.mm(unit_anchors, (unit_prototypes * inverse_temperature).T)
+        row_max = logits.amax(dim=1)
+        probabilities = torch.softmax(logits, dim=1)
+        log_normalizer = row_max - probabilities.amax(dim=1).log()
         row_entropy = torch.zeros(0, device=anchors.device)
         if entropy_weight > 0:
-            row_entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1)
-        probabilities = log_probabilities.exp_()
+            log_probabilities = logits.sub_(log_normalizer[:, None])
+            row_entropy = -(probabilities * log_probabilities).sum(dim=1)
+        del logits
+        # the targets are shared by all views: O(B D) and O(B K), never O(N K)
+        summed_views = unit_anchors.view(num_views, batch_size, dim).sum(dim=0)
+        target_mass = targets.sum(dim=1)
+        target_logit = inverse_temperature * torch.sum(
+            summed_views * (targets @ unit_prototypes)
+        )
+        summed_normalizer = log_normalizer.view(num_views, batch_size).sum(dim=0)
+        cross_entropy = (torch.dot(summed_normalizer, target_mass) - target_logit) / (
+            num_anchors
+        )
         mean_prediction = distributed.all_reduce_mean(
             probabilities.mean(dim=0), gather_distributed
         )
@@ -510,9 +540,12 @@ class _AnchorLoss(torch.autograd.Function):
         # zero-mass prototypes: P is 0 there, the clamp only avoids 0 * -inf
         log_ratio = mean_prediction.clamp_min(torch.finfo(torch.float32).tiny).log()
         ctx.save_for_backward(
-            anchors,
-            prototypes,
+            unit_anchors,
+            anchor_norms,
+            unit_prototypes,
+            prototype_norms,
             targets,
+            target_mass,
             probabilities,
             log_ratio - log_prior,
             row_entropy,
@@ -523,45 +556,66 @@ class _AnchorLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(
             cross_entropy, regularization, entropy, mean_prediction
         )
-        return (
-            loss,
-            cross_entropy,
-            regularization,
-            entropy,
-            mean_prediction,
-        )
+        return loss, cross_entropy, regularization, entropy, mean_prediction
 
     @staticmethod
     def backward(
         ctx: Any, grad_loss: Tensor, *unused_grads: Any
     ) -> tuple[Tensor | None, ...]:
-        anchors, prototypes, targets, probabilities, log_ratio, row_entropy = (
-            ctx.saved_tensors
-        )
-        num_anchors = anchors.shape[0]
-        batch_size = targets.shape[0]
+        (
+            unit_anchors,
+            anchor_norms,
+            unit_prototypes,
+            prototype_norms,
+            targets,
+            target_mass,
+            probabilities,
+            log_ratio,
+            row_entropy,
+        ) = ctx.saved_tensors
+        num_anchors = unit_anchors.shape[0]
+        batch_size, num_prototypes = targets.shape
         num_views = num_anchors // batch_size
-        # d loss / d logits, with the chain-rule factor folded into the vectors
         scale = grad_loss * ctx.inverse_temperature / num_anchors
         weight = ctx.regularization_weight
-        target_mass = targets.sum(dim=1).repeat(num_views)
-        row_offset = weight * (probabilities @ log_ratio) - target_mass
+        row_offset = weight * (probabilities @ log_ratio) - target_mass.repeat(
+            num_views
+        )
         if ctx.entropy_weight > 0:
             row_offset = row_offset + ctx.entropy_weight * row_entropy
-        grad_logits = torch.sub(
-            (weight * scale) * log_ratio, (scale * row_offset)[:, None]
-        )
-        grad_logits.mul_(probabilities)
+        # grad = P * (scale lambda g) - scale t, then P * (-scale row_offset):
+        # two passes over N x K, the targets broadcast over the views
+        grad_similarity = torch.addcmul(
+            (-scale * targets).expand(num_views, batch_size, num_prototypes),
+            probabilities.view(num_views, batch_size, num_prototypes),
+            (weight * scale) * log_ratio,
+        ).view(num_anchors, num_prototypes)
+        grad_similarity.addcmul_(probabilities, (-scale * row_offset)[:, None])
         if ctx.entropy_weight > 0:
             entropy_grad = torch.xlogy(probabilities, probabilities)
-            grad_logits.sub_(entropy_grad.mul_(ctx.entropy_weight * scale))
-        grad_logits.view(num_views, batch_size, -1).sub_(scale * targets)
+            grad_similarity.sub_(entropy_grad.mul_(ctx.entropy_weight * scale))
         grad_anchors = grad_prototypes = None
         if ctx.needs_input_grad[0]:
-            grad_anchors = torch.mm(grad_logits, prototypes)
-        if ctx.needs_input_grad[1]:
-            grad_prototypes = torch.mm(grad_logits.T, anchors)
-        return grad_anchors, grad_prototypes, None, None, None, None, None, None
+            grad_anchors = _normalization_backward(
+                torch.mm(grad_similarity, unit_prototypes), unit_anchors, anchor_norms
+            )
+        if ctx.needs_input_grad[2]:
+            grad_prototypes = _normalization_backward(
+                torch.mm(grad_similarity.T, unit_anchors),
+                unit_prototypes,
+                prototype_norms,
+            )
+        return (grad_anchors, None, grad_prototypes) + (None,) * 7
+
+
+def _normalization_backward(grad_unit: Tensor, unit: Tensor, norms: Tensor) -> Tensor:
+    """Gradient through ``x / norms`` with ``norms = max(||x||, eps)`` (per row).
+
+    Rows whose norm was clamped to ``eps`` are a plain division by a constant.
+    """
+    projection = (unit * grad_unit).sum(dim=1, keepdim=True)
+    projection.masked_fill_(norms <= _NORM_EPS, 0.0)
+    return torch.addcmul(grad_unit, unit, projection, value=-1.0).div_(norms)
 
 
 def _log_sinkhorn(
@@ -644,16 +698,20 @@ def _check_shapes(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
         )
 
 
-def _normalize_finite(named: dict[str, Tensor]) -> list[Tensor]:
-    """L2-normalises rows in float32 (as ``F.normalize``) and rejects non-finite input.
+_NORM_EPS = 1e-12  # as F.normalize
+
+
+def _finite_norms(named: dict[str, Tensor]) -> list[Tensor]:
+    """Row norms ``max(||x||, eps)`` (as ``F.normalize``), shape (rows, 1), no grad.
 
     A NaN or inf anywhere in a row makes its norm non-finite, so checking the norms
     checks the inputs, with one host synchronisation and no extra pass over them.
     """
-    norms = [
-        torch.linalg.vector_norm(tensor.float(), dim=1, keepdim=True)
-        for tensor in named.values()
-    ]
+    with torch.no_grad():
+        norms = [
+            torch.linalg.vector_norm(tensor, dim=1, keepdim=True)
+            for tensor in named.values()
+        ]
     if not bool(torch.isfinite(torch.cat(norms)).all()):
         bad = [
             name
@@ -664,10 +722,7 @@ def _normalize_finite(named: dict[str, Tensor]) -> list[Tensor]:
             f"Non-finite values (NaN or inf) in {', '.join(bad)}, or rows whose norm "
             "overflows float32."
         )
-    return [
-        tensor.float() / norm.clamp_min(1e-12)
-        for tensor, norm in zip(named.values(), norms, strict=True)
-    ]
+    return [norm.clamp_min_(_NORM_EPS) for norm in norms]
 
 
 def _check_prior(prior: Tensor) -> None:

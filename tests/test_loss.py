@@ -109,6 +109,25 @@ def test_matches_float64_reference_with_entropy_and_priors(
         )
 
 
+def test_gradients_through_normalisation_match_f_normalize_for_any_row_norm() -> None:
+    # the loss differentiates through the L2 normalisation by hand: check rows
+    # that F.normalize clamps (zero and below eps) and rows of large norm
+    anchors, targets, prototypes = random_inputs(6, 2, 10, 8, seed=5)
+    with torch.no_grad():
+        anchors[0] = 0.0
+        anchors[1] *= 1e-14
+        anchors[2] *= 1e4
+        prototypes[3] *= 1e-14
+        prototypes[4] *= 1e3
+    expected = loss_and_grads(paper_loss_float64, anchors, targets, prototypes)
+    actual = loss_and_grads(MSNLoss(), anchors, targets, prototypes)
+    for ours, reference in zip(actual, expected, strict=True):
+        torch.testing.assert_close(
+            ours.double(), reference.double(), rtol=1e-5, atol=1e-6
+        )
+    assert actual[1][1].abs().max() > 1e6  # clamped rows: plain division by eps
+
+
 def test_loss_terms_add_up_and_diagnostics_match_official_definitions() -> None:
     anchors, targets, prototypes = random_inputs(16, 3, 24, 8, seed=5)
     loss_fn = MSNLoss(regularization_weight=2.0, entropy_weight=0.5)
