@@ -3,8 +3,10 @@ import copy
 import pytest
 import torch
 from lightning import Trainer
+from timm.models.vision_transformer import Attention
 from torch.utils.data import DataLoader
 
+from lightly_msn import model as model_module
 from lightly_msn.model import MSN, ClassTokenFeatures, default_mask_ratio
 from tests._train_helpers import TINY_HEAD, FixedViews, tiny_module, tiny_vit
 
@@ -99,6 +101,62 @@ def test_fast_class_token_block_matches_the_full_block_with_gradients() -> None:
     ):
         if p_slow.grad is not None:
             torch.testing.assert_close(p_fast.grad, p_slow.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("fast_class_token", [True, False])
+def test_explicit_attention_matches_fused_attention(
+    fast_class_token: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on CPU under bf16 autocast the model switches to timm's explicit attention
+    torch.manual_seed(0)
+    fused = MSN(tiny_vit(qkv_bias=True), mask_ratio=0.25, **TINY_HEAD).double()
+    fused.fast_class_token = fast_class_token
+    explicit = copy.deepcopy(fused)
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    idx_keep = torch.tensor([[0, 2, 5, 7, 9]] * 3)
+    outputs = []
+    for model, use_explicit in ((fused, False), (explicit, True)):
+        monkeypatch.setattr(
+            model_module,
+            "_low_precision_autocast_on_cpu",
+            lambda _, explicit_path=use_explicit: explicit_path,
+        )
+        out = model._class_token(model.anchor_backbone, images, idx_keep)
+        out.square().sum().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-10, rtol=1e-10)
+    for p_fused, p_explicit in zip(
+        fused.anchor_backbone.parameters(),
+        explicit.anchor_backbone.parameters(),
+        strict=True,
+    ):
+        if p_fused.grad is not None:
+            torch.testing.assert_close(
+                p_fused.grad, p_explicit.grad, atol=1e-10, rtol=1e-8
+            )
+
+
+def test_bf16_autocast_on_cpu_uses_explicit_attention_and_restores_flags() -> None:
+    torch.manual_seed(0)
+    model = MSN(tiny_vit(), mask_ratio=0.25, **TINY_HEAD)
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    seen = []
+    hook = attention[0].register_forward_pre_hook(
+        lambda module, _: seen.append(module.fused_attn)
+    )
+    images = torch.randn(2, 3, 16, 16)
+    model.backbone_features(images, encoder="anchor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.backbone_features(images, encoder="anchor")
+    hook.remove()
+    assert seen == [True, False]
+    assert all(m.fused_attn for m in attention)
+    torch.testing.assert_close(
+        low.float(),
+        model.backbone_features(images, encoder="anchor"),
+        atol=0.1,
+        rtol=0.05,
+    )
 
 
 def test_backbone_features_pre_and_post_norm() -> None:
