@@ -506,13 +506,15 @@ class _AnchorLoss(torch.autograd.Function):
         unit_prototypes = prototypes / prototype_norms
         logits = torch.mm(unit_anchors, (unit_prototypes * inverse_temperature).T)
         row_max = logits.amax(dim=1)
-        probabilities = torch.softmax(logits, dim=1)
-        log_normalizer = row_max - probabilities.amax(dim=1).log()
         row_entropy = torch.zeros(0, device=anchors.device)
         if entropy_weight > 0:
-            log_probabilities = logits.sub_(log_normalizer[:, None])
-            row_entropy = -(probabilities * log_probabilities).sum(dim=1)
-        del logits
+            log_probabilities = torch.log_softmax(logits, dim=1)
+            row_entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1)
+            del log_probabilities
+        # in place: on CPU a fresh N x K buffer costs page faults that took as long
+        # as the softmax itself
+        probabilities = torch.softmax(logits, dim=1, out=logits)
+        log_normalizer = row_max - probabilities.amax(dim=1).log()
         # the targets are shared by all views: O(B D) and O(B K), never O(N K)
         summed_views = unit_anchors.view(num_views, batch_size, dim).sum(dim=0)
         target_mass = targets.sum(dim=1)
