@@ -53,6 +53,23 @@ def test_predictions_equal_brute_force_reference_for_every_k() -> None:
         assert predictions[k].shape == (40, 5)
 
 
+def test_exactly_tied_neighbours_are_taken_in_training_row_order() -> None:
+    # four identical training rows with different labels; the query points at
+    # them, so they tie for the first place and k=1 must take the first row
+    bank, bank_labels = _clustered_features(40, num_classes=4, dim=8)
+    bank[10:14] = bank[5] * 2.0  # same direction, so exactly the same cosine
+    bank[5] = -bank[5]
+    bank_labels[10:14] = torch.tensor([3, 0, 1, 2])
+    queries = bank[10:11].clone()
+    classifier = KNNClassifier(ks=(1, 2, 6), temperature=0.1).fit(bank, bank_labels)
+    predictions = classifier.predict(queries)
+    assert predictions[1][0, 0] == 3
+    assert set(predictions[2][0, :2].tolist()) == {3, 0}
+    for k in (1, 2, 6):
+        scores = _brute_force_scores(queries, bank, bank_labels, k, 0.1, 4)
+        assert predictions[k][0, 0] == scores.argmax(dim=1)[0], k
+
+
 def test_predictions_equal_lightly_knn_predict() -> None:
     bank, bank_labels = _clustered_features(500, num_classes=10, dim=32)
     queries, _ = _clustered_features(64, num_classes=10, dim=32, seed=2)

@@ -142,15 +142,34 @@ class KNNClassifier:
         max_k = max(self.ks)
         for start in range(0, len(queries), self.query_batch_size):
             batch = normalized_numpy(queries[start : start + self.query_batch_size])
-            similarities, indices = self.index.search(batch, max_k)
-            weights = torch.from_numpy(similarities).div_(self.temperature).exp_()
-            neighbour_labels = self.labels[torch.from_numpy(indices)]
+            similarities, indices = _ties_by_row(*self.index.search(batch, max_k))
+            weights = similarities.div_(self.temperature).exp_()
+            neighbour_labels = self.labels[indices]
             yield {
                 k: torch.zeros(len(batch), self.num_classes).scatter_add_(
                     1, neighbour_labels[:, :k], weights[:, :k]
                 )
                 for k in self.ks
             }
+
+
+def _ties_by_row(
+    similarities: np.ndarray, indices: np.ndarray
+) -> tuple[Tensor, Tensor]:
+    """Orders exactly tied neighbours by training row, as a stable brute-force sort.
+
+    faiss returns ties in an unspecified order (the flat index: last row first), so
+    without this the neighbours of a smaller ``k`` would depend on it. Ties that
+    straddle the largest ``k`` stay faiss's choice.
+    """
+    scores, rows = torch.from_numpy(similarities), torch.from_numpy(indices)
+    if not bool((scores[:, 1:] == scores[:, :-1]).any()):
+        return scores, rows
+    rows, by_row = torch.sort(rows, dim=1, stable=True)
+    scores, by_score = torch.sort(
+        scores.gather(1, by_row), dim=1, descending=True, stable=True
+    )
+    return scores, rows.gather(1, by_score)
 
 
 def _rank_classes(scores: Tensor) -> Tensor:
