@@ -1,4 +1,5 @@
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -80,27 +81,36 @@ def test_focal_masking_makes_focal_anchors_from_the_random_view() -> None:
     assert anchors.shape == (4 * (1 + 3), 16)
 
 
+def _class_token_outputs_and_grads_match(
+    model_a: MSN, model_b: MSN, before_b: Callable[[], None] = lambda: None
+) -> None:
+    """Class token and anchor-encoder gradients of two float64 copies agree."""
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    idx_keep = torch.tensor([[0, 2, 5, 7, 9]] * 3)
+    outputs = []
+    for model in (model_a, model_b):
+        if model is model_b:
+            before_b()
+        out = model._class_token(model.anchor_backbone, images, idx_keep)
+        out.square().sum().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-10, rtol=1e-10)
+    for p_a, p_b in zip(
+        model_a.anchor_backbone.parameters(),
+        model_b.anchor_backbone.parameters(),
+        strict=True,
+    ):
+        if p_b.grad is not None:
+            torch.testing.assert_close(p_a.grad, p_b.grad, atol=1e-10, rtol=1e-8)
+
+
 def test_fast_class_token_block_matches_the_full_block_with_gradients() -> None:
     torch.manual_seed(0)
     # float64 so that the comparison is not dominated by rounding
     fast = MSN(tiny_vit(qkv_bias=True), mask_ratio=0.25, **TINY_HEAD).double()
     slow = copy.deepcopy(fast)
     slow.fast_class_token = False
-    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    idx_keep = torch.tensor([[0, 2, 5, 7, 9]] * 3)
-    outputs = []
-    for model in (fast, slow):
-        out = model._class_token(model.anchor_backbone, images, idx_keep)
-        out.square().sum().backward()
-        outputs.append(out)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-10, rtol=1e-10)
-    for p_fast, p_slow in zip(
-        fast.anchor_backbone.parameters(),
-        slow.anchor_backbone.parameters(),
-        strict=True,
-    ):
-        if p_slow.grad is not None:
-            torch.testing.assert_close(p_fast.grad, p_slow.grad, atol=1e-10, rtol=1e-8)
+    _class_token_outputs_and_grads_match(fast, slow)
 
 
 @pytest.mark.parametrize("fast_class_token", [True, False])
@@ -112,28 +122,13 @@ def test_explicit_attention_matches_fused_attention(
     fused = MSN(tiny_vit(qkv_bias=True), mask_ratio=0.25, **TINY_HEAD).double()
     fused.fast_class_token = fast_class_token
     explicit = copy.deepcopy(fused)
-    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    idx_keep = torch.tensor([[0, 2, 5, 7, 9]] * 3)
-    outputs = []
-    for model, use_explicit in ((fused, False), (explicit, True)):
-        monkeypatch.setattr(
-            model_module,
-            "_low_precision_autocast_on_cpu",
-            lambda _, explicit_path=use_explicit: explicit_path,
-        )
-        out = model._class_token(model.anchor_backbone, images, idx_keep)
-        out.square().sum().backward()
-        outputs.append(out)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-10, rtol=1e-10)
-    for p_fused, p_explicit in zip(
-        fused.anchor_backbone.parameters(),
-        explicit.anchor_backbone.parameters(),
-        strict=True,
-    ):
-        if p_fused.grad is not None:
-            torch.testing.assert_close(
-                p_fused.grad, p_explicit.grad, atol=1e-10, rtol=1e-8
-            )
+    _class_token_outputs_and_grads_match(
+        fused,
+        explicit,
+        before_b=lambda: monkeypatch.setattr(
+            model_module, "_low_precision_autocast_on_cpu", lambda _: True
+        ),
+    )
 
 
 def test_bf16_autocast_on_cpu_uses_explicit_attention_and_restores_flags() -> None:
