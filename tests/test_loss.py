@@ -43,6 +43,7 @@ def loss_and_grads(loss_fn, anchors, targets, prototypes, **kwargs):
         (32, 3, 100, 16, 0.05, 0, 1.0, 0.25),
         (12, 2, 40, 8, 0.5, 5, 3.0, 0.5),
         (10, 4, 30, 8, 0.1, 1, 0.0, 1.0),
+        (6, 2, 5000, 16, 0.1, 3, 1.0, 0.25),  # long rows: softmax in place
     ],
 )
 def test_matches_lightly_loss_and_gradients(
