@@ -113,7 +113,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         KNNClassifier(ks=(21,)).fit(bank, labels)
     nan_bank = bank.clone()
     nan_bank[3, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf values in 1 of 20 rows"):
+    with pytest.raises(ValueError, match=r"NaN or inf values .* in 1 of 20 rows"):
         KNNClassifier(ks=(5,)).fit(nan_bank, labels)
     classifier = KNNClassifier(ks=(5,)).fit(bank, labels)
     with pytest.raises(ValueError, match="empty"):
@@ -124,3 +124,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
         KNNClassifier(ks=())
     with pytest.raises(RuntimeError, match="call fit"):
         KNNClassifier().predict(bank)
+
+
+def test_rows_whose_norm_overflows_are_rejected_like_nan_rows() -> None:
+    # normalising such a row would silently give zeros
+    bank, labels = _clustered_features(20)
+    bank[11, 0] = 1e25
+    with pytest.raises(
+        ValueError, match=r"too large .* in 1 of 20 rows \(first: row 11\)"
+    ):
+        KNNClassifier(ks=(5,)).fit(bank, labels)

@@ -9,7 +9,8 @@ from torch import Tensor
 def check_features(features: Tensor, name: str = "features") -> Tensor:
     """Returns ``features`` as a float32 CPU-or-device tensor after checking it.
 
-    Raises ``ValueError`` for a non-2-D, empty or non-finite (NaN / inf) tensor.
+    Raises ``ValueError`` for a non-2-D or empty tensor, and for rows that hold NaN /
+    inf or whose L2 norm overflows float32 (every protocol normalises the rows).
     """
     if not isinstance(features, Tensor):
         features = torch.as_tensor(features)
@@ -17,12 +18,17 @@ def check_features(features: Tensor, name: str = "features") -> Tensor:
         raise ValueError(f"{name} must have shape (N, D), got {tuple(features.shape)}")
     if features.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 rows); is the dataset empty?")
-    if not torch.isfinite(features).all():
-        bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten()
+    # every protocol L2-normalises the rows: a row norm is finite exactly when the
+    # row holds no NaN / inf and normalising it does not overflow (one pass, no
+    # N x D mask)
+    norms = torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
+    if not bool(torch.isfinite(norms).all()):
+        bad_rows = (~torch.isfinite(norms)).nonzero().flatten()
         raise ValueError(
-            f"{name} contains NaN or inf values in {len(bad_rows)} of "
-            f"{features.shape[0]} rows (first: row {int(bad_rows[0])}); the backbone "
-            "diverged or the input was not normalised"
+            f"{name} contains NaN or inf values (or values too large to square in "
+            f"float32) in {len(bad_rows)} of {features.shape[0]} rows (first: row "
+            f"{int(bad_rows[0])}); the backbone diverged or the input was not "
+            "normalised"
         )
     return features.float()
 
