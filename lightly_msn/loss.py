@@ -411,6 +411,7 @@ class MSNLoss(nn.Module):
                     anchors,
                     anchor_norms,
                     prototypes,
+                    unit_prototypes,
                     prototype_norms,
                     target_probabilities,
                     log_prior,
@@ -491,6 +492,7 @@ class _AnchorLoss(torch.autograd.Function):
         anchors: Tensor,
         anchor_norms: Tensor,
         prototypes: Tensor,
+        unit_prototypes: Tensor,
         prototype_norms: Tensor,
         targets: Tensor,
         log_prior: Tensor,
@@ -502,8 +504,8 @@ class _AnchorLoss(torch.autograd.Function):
         num_anchors, dim = anchors.shape
         batch_size = targets.shape[0]
         num_views = num_anchors // batch_size
+        # prototypes only route the gradient: the caller normalised them already
         unit_anchors = anchors / anchor_norms
-        unit_prototypes = prototypes / prototype_norms
         logits = torch.mm(unit_anchors, (unit_prototypes * inverse_temperature).T)
         row_max, argmax = logits.max(dim=1)
         row_entropy = torch.zeros(0, device=anchors.device)
@@ -609,7 +611,7 @@ class _AnchorLoss(torch.autograd.Function):
                 unit_prototypes,
                 prototype_norms,
             )
-        return (grad_anchors, None, grad_prototypes) + (None,) * 7
+        return (grad_anchors, None, grad_prototypes) + (None,) * 8
 
 
 def _normalization_backward(grad_unit: Tensor, unit: Tensor, norms: Tensor) -> Tensor:
