@@ -439,7 +439,7 @@ class MSN(nn.Module):
             if self.fast_class_token and _supports_class_token_block(last):
                 for block in blocks[:-1]:
                     tokens = block(tokens)
-                cls = _class_token_block(last, tokens, fused)
+                cls = _class_token_block(last, tokens)
             else:
                 cls = vit.blocks(tokens)[:, 0]
         return vit.norm(cls) if norm else cls
@@ -550,7 +550,7 @@ def _fused_attention(vit: nn.Module, fused: bool) -> Iterator[None]:
             module.fused_attn = flag  # type: ignore[misc]
 
 
-def _class_token_block(block: Any, tokens: Tensor, fused: bool = True) -> Tensor:
+def _class_token_block(block: Any, tokens: Tensor) -> Tensor:
     """``block(tokens)[:, 0]`` computed for the class token query only.
 
     The keys and values need every token, but the query, the attention output,
@@ -573,7 +573,7 @@ def _class_token_block(block: Any, tokens: Tensor, fused: bool = True) -> Tensor
         2, 0, 3, 1, 4
     )
     query, key = attn.q_norm(query), attn.k_norm(key)
-    if fused:
+    if attn.fused_attn:  # as timm's Attention: its flag (see _fused_attention)
         out = F.scaled_dot_product_attention(
             query, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
