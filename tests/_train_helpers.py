@@ -21,6 +21,21 @@ def tiny_vit(**overrides: Any) -> Any:
     return create_vit("vit_tiny_patch16_224", **kwargs)
 
 
+def quiet_cpu_trainer(max_steps: int = 1) -> Any:
+    """A Lightning ``Trainer`` on one CPU: no logger, checkpoints, bars or summary."""
+    from lightning import Trainer
+
+    return Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def tiny_module(**overrides: Any) -> Any:
     from lightly_msn.train import MSNLightningModule
 

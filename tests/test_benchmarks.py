@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning import Trainer
 from torch.utils.data import DataLoader
 
 from benchmarks import results
@@ -26,6 +25,7 @@ from benchmarks.run import (
     parse_overrides,
 )
 from lightly_msn.data import build_dataset
+from tests._train_helpers import quiet_cpu_trainer
 
 ALL_METHODS = ("msn", "msn_lightly", "pmsn", "dino", "ibot", "simclr", "byol", "mae")
 
@@ -69,15 +69,7 @@ def test_one_training_step_has_finite_loss_and_trains(name: str, digits: Any) ->
         for key, value in method.named_parameters()
         if value.requires_grad
     }
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_cpu_trainer()
     trainer.fit(method, DataLoader(dataset, batch_size=8, drop_last=True))
 
     loss = trainer.callback_metrics["loss"]
@@ -112,14 +104,7 @@ def test_msn_prototypes_learn_but_lightly_example_prototypes_do_not(
         dataset = TransformedSubset(
             digits, range(8), method_class.make_transform(config)
         )
-        Trainer(
-            max_steps=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(method, DataLoader(dataset, batch_size=8))
+        quiet_cpu_trainer().fit(method, DataLoader(dataset, batch_size=8))
         prototypes[name] = not torch.equal(weight.detach(), initial)
     assert prototypes == {"msn": True, "msn_lightly": False}
 

@@ -3,13 +3,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from lightning import Trainer
 from timm.models.vision_transformer import Attention
 from torch.utils.data import DataLoader
 
 from lightly_msn import model as model_module
 from lightly_msn.model import MSN, ClassTokenFeatures, default_mask_ratio
-from tests._train_helpers import TINY_HEAD, FixedViews, tiny_module, tiny_vit
+from tests._train_helpers import (
+    TINY_HEAD,
+    FixedViews,
+    quiet_cpu_trainer,
+    tiny_module,
+    tiny_vit,
+)
 
 
 def tiny_views(batch_size: int = 4) -> list[torch.Tensor]:
@@ -200,15 +205,7 @@ def test_one_training_step_updates_anchor_prototypes_and_target() -> None:
     module = tiny_module(mask_ratio=0.25, momentum=0.9)
     model = module.model
     before = copy.deepcopy(model.state_dict())
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_cpu_trainer()
     trainer.fit(module, DataLoader(FixedViews(size=8), batch_size=8))
     after = model.state_dict()
 
