@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
+import weakref
 
 import pytest
 import torch
@@ -146,6 +148,67 @@ def test_update_momentum_rejects_bad_momentum_and_mismatched_models() -> None:
         update_momentum(model, nn.Linear(5, 3), m=0.5)
     with pytest.raises(ValueError, match="model has 2 parameters but model_ema has 4"):
         update_momentum(model, _bn_net(), m=0.5)
+
+
+def _assert_ema_formula(model: nn.Module, ema: nn.Module, m: float) -> None:
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_momentum(model, ema, m=m)
+    for old, new, source in zip(
+        before, ema.parameters(), model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, m * old + (1 - m) * source)
+
+
+def test_update_momentum_follows_changes_after_remembering_the_tensors() -> None:
+    torch.manual_seed(0)
+    model, ema = _bn_net(), _bn_net()
+    _assert_ema_formula(model, ema, 0.5)  # remembers both trees
+
+    # registered changes (torch's registration hooks)
+    for net in (model, ema):
+        net[0] = nn.Linear(4, 3)
+        net[0].bias = nn.Parameter(torch.randn(3))
+    _assert_ema_formula(model, ema, 0.5)
+
+    # changes that bypass the hooks: direct dictionary writes ...
+    for net in (model, ema):
+        net[0]._parameters["weight"] = nn.Parameter(torch.randn(3, 4))
+    _assert_ema_formula(model, ema, 0.5)
+    # ... and Module._apply replacing the parameter objects
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+        ema.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    _assert_ema_formula(model, ema, 0.5)
+    # ... and deleting a submodule in both models
+    for net in (model, ema):
+        del net[1]
+    _assert_ema_formula(model, ema, 0.5)
+
+
+def test_update_momentum_checks_models_again_after_a_change() -> None:
+    model, ema = nn.Linear(4, 3), nn.Linear(4, 3)
+    update_momentum(model, ema, m=0.5)
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="model has 4 parameters but model_ema has 2"):
+        update_momentum(model, ema, m=0.5)
+    del model.extra  # no registration hook runs for a deletion
+    _assert_ema_formula(model, ema, 0.5)
+    ema.weight = nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="parameters #0 differ"):
+        update_momentum(model, ema, m=0.5)
+
+
+def test_update_momentum_does_not_keep_models_alive() -> None:
+    model, ema = _tiny_vit(), _tiny_vit()
+    update_momentum(model, ema, m=0.5)
+    references = weakref.ref(model), weakref.ref(ema)
+    del model, ema
+    gc.collect()
+    assert references[0]() is None
+    assert references[1]() is None
 
 
 # --------------------------------------------------------------------- schedules
