@@ -181,12 +181,17 @@ def _tree_dicts(module: nn.Module) -> tuple[list[dict[str, Any]], ...]:
     module_dicts: list[dict[str, Any]] = []
     parameter_dicts: list[dict[str, Any]] = []
     buffer_dicts: list[dict[str, Any]] = []
-    stack = [module]
+    visited: set[int] = set()
+    stack: list[nn.Module | None] = [module]
     while stack:
         submodule = stack.pop()
+        # as nn.Module.modules(): None entries skipped, shared modules visited once
+        if submodule is None or id(submodule) in visited:
+            continue
+        visited.add(id(submodule))
         if submodule._modules:
             module_dicts.append(submodule._modules)
-            stack += reversed(submodule._modules.values())  # type: ignore[arg-type]
+            stack += reversed(submodule._modules.values())
         if submodule._parameters:
             parameter_dicts.append(submodule._parameters)
         if submodule._buffers:

@@ -118,6 +118,7 @@ class _TiedNet(nn.Module):
         self.decoder = nn.Linear(4, 4)
         self.decoder.weight = self.encoder.weight  # tied parameter
         self.again = self.encoder  # shared submodule
+        self.register_module("absent", None)  # a registered but unset submodule
         self.norm = nn.BatchNorm1d(4)
         self.register_buffer("scratch", torch.ones(2), persistent=False)
 
