@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.utils import get_weight_decay_parameters
 from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from lightning import LightningModule
@@ -200,8 +201,15 @@ def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
 
     ``dynamic_img_size`` lets local / focal views of another resolution pass through
     the same trunk (the position embedding is resampled to their grid).
+
+    Every method starts from the same initialisation, lightly's: its ViT wrapper
+    (``MaskedVisionTransformerTIMM``, which all lightly-based methods put around this
+    ViT) re-initialises it MAE-style, with a fixed 2-D sin-cos position embedding.
+    ``msn`` and ``pmsn`` would otherwise keep timm's initialisation and a learnable
+    position embedding, and in a short run the comparison would measure the
+    initialisation rather than the method.
     """
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=config.img_size,
         patch_size=config.patch_size,
         embed_dim=config.embed_dim,
@@ -211,6 +219,8 @@ def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
         dynamic_img_size=True,
         **kwargs,
     )
+    MaskedVisionTransformerTIMM(vit=vit)  # initialises ``vit`` in place
+    return vit
 
 
 def eval_transform(config: BenchmarkConfig) -> Callable[[Any], Tensor]:
