@@ -101,7 +101,8 @@ def update_momentum(
 # - what bypasses those hooks (``del``, writes into ``module._parameters``,
 #   ``Module._apply`` replacing parameter objects) is caught by re-reading the
 #   remembered non-empty ``_modules``/``_parameters``/``_buffers`` dictionaries on
-#   every call and comparing their values by identity (~30 us per ViT-S).
+#   every call and comparing their values by identity (~0.15 ms for a ViT-S pair
+#   on 2 CPU cores, where the walk took ~0.5 ms).
 _structure_version = 0
 
 
