@@ -91,6 +91,9 @@ def demo(
     from lightly_msn.transforms import MSNTransform
 
     start = time.perf_counter()
+    # before the ViT is created: torch seeds its default generator at random per
+    # process, so an unseeded initialisation made every run of a seed different
+    seed_everything(seed, verbose=False)
     settings = {**DEMO_SETTINGS, **settings}
     vit_kwargs = settings.pop("vit_kwargs")
     transform = MSNTransform.for_cifar10(
@@ -106,7 +109,6 @@ def demo(
         patch_size=settings["patch_size"],
         **vit_kwargs,
     )
-    seed_everything(seed, verbose=False)
     random_init = ClassTokenFeatures(create_vit_like(model)).eval()
     result = pretrain(
         data="digits",

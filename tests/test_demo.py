@@ -37,6 +37,19 @@ def test_demo_command_prints_both_knn_accuracies(
     assert (tmp_path / "backbone.safetensors").is_file()
 
 
+def test_demo_is_reproducible_whatever_the_global_random_state(tmp_path: Path) -> None:
+    import torch
+
+    results = []
+    for run in range(2):
+        torch.seed()  # as a fresh process: torch seeds its generator at random
+        result = demo_module.demo(
+            tmp_path / str(run), seed=0, progress=False, **TINY_DEMO
+        )
+        results.append((result.random_accuracy, result.msn_accuracy))
+    assert results[0] == results[1]
+
+
 def test_demo_settings_are_the_documented_ones() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     settings = demo_module.DEMO_SETTINGS
