@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 from benchmarks import results
@@ -107,6 +108,25 @@ def test_msn_prototypes_learn_but_lightly_example_prototypes_do_not(
         quiet_cpu_trainer().fit(method, DataLoader(dataset, batch_size=8))
         prototypes[name] = not torch.equal(weight.detach(), initial)
     assert prototypes == {"msn": True, "msn_lightly": False}
+
+
+def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
+    """Fixed 2-D sin-cos position embedding for all, ours included."""
+    config = tiny_config()
+    position_embeddings = {}
+    for name in ALL_METHODS:
+        method = load_method(name).from_config(config, steps_per_epoch=1)
+        vits = [m for m in method.modules() if isinstance(m, VisionTransformer)]
+        position_embeddings[name] = vits[0].pos_embed
+    reference = position_embeddings["msn_lightly"]
+    for name, pos_embed in position_embeddings.items():
+        assert not pos_embed.requires_grad, name
+        torch.testing.assert_close(pos_embed, reference, msg=name)
+    assert reference[0, 1:].abs().max() > 0.5  # sin-cos values, not trunc-normal
+    # and the frozen embedding stays out of our optimizer groups
+    msn = load_method("msn").from_config(config, steps_per_epoch=1)
+    grouped = {id(p) for g in msn.model.parameter_groups() for p in g["params"]}
+    assert id(msn.model.vit.pos_embed) not in grouped
 
 
 def test_views_follow_the_config() -> None:
