@@ -147,3 +147,22 @@ def test_eval_cli_loads_an_exported_msn_backbone(
     assert report["feature_dim"] == 48
     assert report["num_train"] + report["num_test"] == 1797
     assert "knn" in capsys.readouterr().out
+
+
+def test_eval_cli_random_init_baseline_is_the_same_in_every_run() -> None:
+    import argparse
+
+    import torch
+
+    from lightly_msn.eval.cli import _load_model
+
+    args = argparse.Namespace(
+        checkpoint=None, timm="vit_tiny_patch16_224", img_size=32, timm_weights=None
+    )
+    states = []
+    for _ in range(2):
+        torch.seed()  # as a fresh process: torch seeds its generator at random
+        model, _ = _load_model(args)
+        states.append(model.state_dict())
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name

@@ -177,6 +177,9 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+RANDOM_INIT_SEED = 0
+
+
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     if args.checkpoint:
         from lightly_msn.model import load_backbone
@@ -192,9 +195,16 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
         kwargs["pretrained_cfg_overlay"] = {"file": weights}
     else:
         logger.warning(
-            "evaluating %s with random weights (no --timm-weights)", args.timm
+            "evaluating %s with random weights (no --timm-weights), initialised "
+            "with seed %d",
+            args.timm,
+            RANDOM_INIT_SEED,
         )
-    model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+    # a fixed seed, so a random-initialisation baseline is the same in every run
+    # (torch seeds its default generator at random per process)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
     return model, f"timm:{args.timm}" + ("" if weights else " (random init)")
 
 
