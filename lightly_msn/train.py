@@ -467,7 +467,9 @@ def pretrain(
             A checkpoint to continue from exactly (step, schedules, EMA, optimizer
             and RNG states), or ``"last"`` for ``output_dir/checkpoints/last.ckpt``.
         seed:
-            Seed of every random number generator.
+            Seed of every random number generator (Python, NumPy, torch, loader
+            workers), set before the model is built; a ViT instance passed as
+            ``model`` was initialised earlier, so seed before creating it.
         on_bad_image:
             ``"fail"`` or ``"skip"`` unreadable image files.
         transform:
