@@ -215,12 +215,6 @@ def _same_objects(values: list[Any], remembered: list[Any]) -> bool:
     return len(values) == len(remembered) and all(map(operator.is_, values, remembered))
 
 
-def _parameters_and_buffers(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """``list(module.parameters()), list(module.buffers())``, remembered."""
-    tensors = _ModuleTensors.of(module)
-    return tensors.parameters, tensors.buffers
-
-
 def _check_pairs(kind: str, tensors: list[Tensor], ema_tensors: list[Tensor]) -> None:
     # fast path: two list comparisons instead of a Python loop over pairs
     if [t.shape for t in tensors] == [t.shape for t in ema_tensors] and [

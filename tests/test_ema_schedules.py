@@ -15,7 +15,7 @@ from lightly.utils.scheduler import cosine_schedule as lightly_cosine_schedule
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lightly_msn.ema import _parameters_and_buffers, update_momentum
+from lightly_msn.ema import _ModuleTensors, update_momentum
 from lightly_msn.schedules import (
     CosineSchedule,
     LinearSchedule,
@@ -125,7 +125,8 @@ class _TiedNet(nn.Module):
 
 def test_module_walk_matches_nn_module_order_and_deduplication() -> None:
     for model in (_tiny_vit(), _TiedNet(), _bn_net()):
-        params, buffers = _parameters_and_buffers(model)
+        tensors = _ModuleTensors.of(model)
+        params, buffers = tensors.parameters, tensors.buffers
         assert [id(p) for p in params] == [id(p) for p in model.parameters()]
         assert [id(b) for b in buffers] == [id(b) for b in model.buffers()]
 
