@@ -13,7 +13,9 @@ batch 64, random tensors, with a 2048-256 projection head and 1024 prototypes.
 
 Reported per configuration, as medians over interleaved repeats in one run: step
 time, images/s, the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``),
-GFLOP/s and MFU against the same-run fp32 matmul peak.
+GFLOP/s and MFU against the same-run fp32 matmul peak. On CPU it also prints the
+throughput of the encoder's fp32 linear layers through MKL (torch's choice) and
+through oneDNN, for reference.
 
 Usage::
 
@@ -29,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import timm
 import torch
@@ -37,6 +40,7 @@ from lightly.models import utils as lightly_utils
 from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.modules.heads import MSNProjectionHead as LightlyHead
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightly_msn.train import MSNLightningModule
@@ -179,6 +183,45 @@ def matmul_peak_gflops(repeats: int, device: torch.device) -> float:
     return 2 * rows * dim * dim / statistics.median(times) / 1e9
 
 
+# the (tokens, in) -> out shapes of the anchor encoder's linear layers at batch 64
+LINEAR_SHAPES = ((7872, 192, 576), (7872, 192, 192), (7872, 192, 768), (7872, 768, 192))
+
+
+def linear_backends_table(repeats: int) -> list[str]:
+    """fp32 ``F.linear`` (MKL on CPU) against oneDNN's linear on the ViT's shapes.
+
+    torch sends fp32 CPU matmuls to MKL; oneDNN is reachable only through the
+    private ``torch.ops.mkldnn._linear_pointwise`` (inductor's), so it is measured
+    here as a reference for the MFU figures, not used by the package.
+    """
+    rows = ["| linear (tokens x in -> out) | F.linear GFLOP/s | oneDNN GFLOP/s |"]
+    rows.append("|---|---|---|")
+    for tokens, fan_in, fan_out in LINEAR_SHAPES:
+        args = (torch.randn(tokens, fan_in), torch.randn(fan_out, fan_in))
+        bias = torch.randn(fan_out)
+        flops = 2 * tokens * fan_in * fan_out
+        mkl = _median_seconds(partial(F.linear, *args, bias), repeats)
+        onednn = _median_seconds(
+            partial(torch.ops.mkldnn._linear_pointwise, *args, bias, "none", [], ""),
+            repeats,
+        )
+        rows.append(
+            f"| {tokens} x {fan_in} -> {fan_out} | {flops / mkl / 1e9:.0f} | "
+            f"{flops / onednn / 1e9:.0f} |"
+        )
+    return rows
+
+
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats * 4):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
@@ -242,6 +285,9 @@ def main() -> None:
             f"{throughput / baseline:.2f} | {gflops:.1f} | {gflops / seconds:.1f} | "
             f"{gflops / seconds / peak:.0%} | {losses[name]:.3f} |"
         )
+    if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        print("\nfp32 linear layers, MKL (what torch uses) against oneDNN:")
+        print("\n".join(linear_backends_table(args.repeats)))
 
 
 if __name__ == "__main__":
