@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
-from lightly_msn.eval.knn import KNNClassifier
+from lightly_msn.eval.knn import KNNClassifier, _ties_by_row
 
 
 def _clustered_features(
@@ -68,6 +69,16 @@ def test_exactly_tied_neighbours_are_taken_in_training_row_order() -> None:
     for k in (1, 2, 6):
         scores = _brute_force_scores(queries, bank, bank_labels, k, 0.1, 4)
         assert predictions[k][0, 0] == scores.argmax(dim=1)[0], k
+
+
+def test_only_queries_with_ties_are_reordered_by_training_row() -> None:
+    similarities = np.array(
+        [[0.9, 0.9, 0.5], [0.8, 0.7, 0.6], [0.5, 0.4, 0.4]], dtype=np.float32
+    )
+    indices = np.array([[7, 2, 1], [3, 4, 5], [9, 8, 6]], dtype=np.int64)
+    scores, rows = _ties_by_row(similarities.copy(), indices.copy())
+    assert rows.tolist() == [[2, 7, 1], [3, 4, 5], [9, 6, 8]]
+    torch.testing.assert_close(scores, torch.from_numpy(similarities))
 
 
 def test_predictions_equal_lightly_knn_predict() -> None:

@@ -27,19 +27,38 @@ from lightly_msn.eval.checks import check_features, check_labels
 TOP_N = 5  # the classifier ranks the top-5 classes for top-1 / top-5 accuracy
 
 
-def build_inner_product_index(features: Tensor, chunk_size: int = 8192) -> faiss.Index:
-    """Exact inner-product faiss index over the L2-normalised rows of ``features``.
+class InnerProductSearch:
+    """Exact maximum inner-product search over the L2-normalised rows of a bank.
 
-    Lives on the GPU when faiss was built with GPU support and a GPU is visible.
-    Rows are normalised and added in chunks, so the only full-size copy is the
-    index's own.
+    On CPU the normalised bank is searched in place with ``faiss.knn`` (blocked
+    BLAS products with the top-k selection fused in), so the bank's one float32
+    copy is the only full-size one. With faiss-gpu and a visible GPU the rows go
+    to a GPU ``IndexFlatIP`` instead.
+
+    Attributes:
+        dim:
+            Feature dimension of the bank.
     """
-    index: faiss.Index = faiss.IndexFlatIP(features.shape[1])
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    for start in range(0, len(features), chunk_size):
-        index.add(normalized_numpy(features[start : start + chunk_size]))
-    return index
+
+    def __init__(self, features: Tensor) -> None:
+        bank = normalized_numpy(features)
+        self.dim = bank.shape[1]
+        self._bank: np.ndarray | None = bank
+        self._gpu_index: faiss.Index | None = None
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._gpu_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.dim))
+            self._gpu_index.add(bank)
+            self._bank = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities, indices)``, each (N, k), most similar first."""
+        if self._gpu_index is not None:
+            return self._gpu_index.search(queries, k)
+        assert self._bank is not None
+        similarities, indices = faiss.knn(
+            queries, self._bank, k, metric=faiss.METRIC_INNER_PRODUCT
+        )
+        return similarities, indices
 
 
 def normalized_numpy(features: Tensor) -> np.ndarray:
@@ -84,7 +103,7 @@ class KNNClassifier:
         self.ks = ks
         self.temperature = temperature
         self.query_batch_size = query_batch_size
-        self.index: faiss.Index | None = None
+        self.index: InnerProductSearch | None = None
         self.labels = torch.empty(0, dtype=torch.long)
         self.num_classes = 0
 
@@ -96,7 +115,7 @@ class KNNClassifier:
             raise ValueError(
                 f"k={max(self.ks)} is larger than the {len(features)} train features"
             )
-        self.index = build_inner_product_index(features)
+        self.index = InnerProductSearch(features)
         self.labels = labels.cpu()
         self.num_classes = int(labels.max()) + 1
         return self
@@ -134,10 +153,10 @@ class KNNClassifier:
         if self.index is None:
             raise RuntimeError("call fit() before predict() or score()")
         queries = check_features(queries, "query features")
-        if queries.shape[1] != self.index.d:
+        if queries.shape[1] != self.index.dim:
             raise ValueError(
                 f"query features have dimension {queries.shape[1]} but the train "
-                f"features have {self.index.d}"
+                f"features have {self.index.dim}"
             )
         max_k = max(self.ks)
         for start in range(0, len(queries), self.query_batch_size):
@@ -158,18 +177,21 @@ def _ties_by_row(
 ) -> tuple[Tensor, Tensor]:
     """Orders exactly tied neighbours by training row, as a stable brute-force sort.
 
-    faiss returns ties in an unspecified order (the flat index: last row first), so
-    without this the neighbours of a smaller ``k`` would depend on it. Ties that
-    straddle the largest ``k`` stay faiss's choice.
+    faiss returns ties in an unspecified order (the flat search: last row first), so
+    without this the neighbours of a smaller ``k`` would depend on it. Only the
+    queries with a tie are re-sorted. Ties that straddle the largest ``k`` stay
+    faiss's choice.
     """
     scores, rows = torch.from_numpy(similarities), torch.from_numpy(indices)
-    if not bool((scores[:, 1:] == scores[:, :-1]).any()):
+    tied = (scores[:, 1:] == scores[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    if len(tied) == 0:
         return scores, rows
-    rows, by_row = torch.sort(rows, dim=1, stable=True)
-    scores, by_score = torch.sort(
-        scores.gather(1, by_row), dim=1, descending=True, stable=True
+    tied_rows, by_row = torch.sort(rows[tied], dim=1, stable=True)
+    tied_scores, by_score = torch.sort(
+        scores[tied].gather(1, by_row), dim=1, descending=True, stable=True
     )
-    return scores, rows.gather(1, by_score)
+    scores[tied], rows[tied] = tied_scores, tied_rows.gather(1, by_score)
+    return scores, rows
 
 
 def _rank_classes(scores: Tensor) -> Tensor:
