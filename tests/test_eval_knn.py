@@ -1,10 +1,16 @@
+import faiss
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
-from lightly_msn.eval.knn import KNNClassifier, _ties_by_row
+from lightly_msn.eval.knn import (
+    InnerProductSearch,
+    KNNClassifier,
+    _ties_by_row,
+    normalized_numpy,
+)
 
 
 def _clustered_features(
@@ -79,6 +85,20 @@ def test_only_queries_with_ties_are_reordered_by_training_row() -> None:
     scores, rows = _ties_by_row(similarities.copy(), indices.copy())
     assert rows.tolist() == [[2, 7, 1], [3, 4, 5], [9, 6, 8]]
     torch.testing.assert_close(scores, torch.from_numpy(similarities))
+
+
+def test_search_split_over_threads_equals_brute_force_and_keeps_omp_threads() -> None:
+    bank, _ = _clustered_features(1000, dim=16)
+    queries, _ = _clustered_features(600, dim=16, seed=1)  # 2+ chunks of >= 256
+    threads_before = faiss.omp_get_max_threads()
+    search = InnerProductSearch(bank)
+    similarities, indices = search.search(normalized_numpy(queries), 10)
+    assert faiss.omp_get_max_threads() == threads_before
+    reference = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    expected_similarities, expected_indices = reference.topk(10, dim=1)
+    assert indices.shape == (600, 10)
+    assert torch.equal(torch.from_numpy(indices), expected_indices)
+    torch.testing.assert_close(torch.from_numpy(similarities), expected_similarities)
 
 
 def test_predictions_equal_lightly_knn_predict() -> None:
