@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightly_msn.train import MSNLightningModule
 
 BATCH_SIZE = 64
+CPU = torch.device("cpu")
 IMG_SIZE = 32
 FOCAL_SIZE = 16
 NUM_FOCAL = 4
@@ -166,21 +167,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(
+    function: Callable[[], object],
+    repeats: int,
+    device: torch.device = CPU,
+    warmup: int = 1,
+) -> float:
+    """Median wall time of ``4 * repeats`` synchronised calls, after ``warmup``."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats * 4):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def matmul_peak_gflops(repeats: int, device: torch.device) -> float:
     """fp32 GFLOP/s of a matmul the size of the ViT's MLP matmuls (larger on GPU)."""
     rows, dim = (4096, 768) if device.type == "cpu" else (65536, 4096)
     a = torch.randn(rows, dim, device=device)
     b = torch.randn(dim, dim, device=device)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats * 4):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * rows * dim * dim / statistics.median(times) / 1e9
+    seconds = median_seconds(partial(torch.mm, a, b), repeats, device, warmup=3)
+    return 2 * rows * dim * dim / seconds / 1e9
 
 
 # the (tokens, in) -> out shapes of the anchor encoder's linear layers at batch 64
@@ -200,8 +212,8 @@ def linear_backends_table(repeats: int) -> list[str]:
         args = (torch.randn(tokens, fan_in), torch.randn(fan_out, fan_in))
         bias = torch.randn(fan_out)
         flops = 2 * tokens * fan_in * fan_out
-        mkl = _median_seconds(partial(F.linear, *args, bias), repeats)
-        onednn = _median_seconds(
+        mkl = median_seconds(partial(F.linear, *args, bias), repeats)
+        onednn = median_seconds(
             partial(torch.ops.mkldnn._linear_pointwise, *args, bias, "none", [], ""),
             repeats,
         )
@@ -210,16 +222,6 @@ def linear_backends_table(repeats: int) -> list[str]:
             f"{flops / onednn / 1e9:.0f} |"
         )
     return rows
-
-
-def _median_seconds(function: Callable[[], object], repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats * 4):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
