@@ -2,9 +2,11 @@
 
 The exported file holds the target encoder's timm ``VisionTransformer`` state dict
 under timm's own key names, so ``timm.create_model(name, pretrained=True,
-pretrained_cfg_overlay=dict(file=path), img_size=..., patch_size=..., num_classes=0)``
-loads it with no missing keys. The file's metadata records the timm name and the
-arguments needed to rebuild the ViT (``load_backbone_vit``).
+pretrained_cfg_overlay=dict(file=path, custom_load=False), img_size=...,
+patch_size=..., num_classes=0)`` loads it with no missing keys (``custom_load=False``
+is the default from timm 1.0.31 on; see ``timm_file_overlay``). The file's metadata
+records the timm name and the arguments needed to rebuild the ViT
+(``load_backbone_vit``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from torch import Tensor
 
 METADATA_KEY = "lightly_msn"
 BACKBONE_PREFIX = "model.target_backbone.vit."
+
+
+def timm_file_overlay(path: str | Path) -> dict[str, Any]:
+    """``pretrained_cfg_overlay`` that makes timm load its weights from ``path``.
+
+    ``custom_load`` is set explicitly: timm before 1.0.31 keeps the registry's value
+    when a file is given, and for the augreg ViTs (``vit_tiny_patch16_224``, ...) that
+    is the JAX ``.npz`` reader, which rejects a safetensors or PyTorch file.
+    """
+    return {"file": str(path), "custom_load": Path(path).suffix == ".npz"}
 
 
 def vit_config(vit: VisionTransformer, model_name: str) -> dict[str, Any]:

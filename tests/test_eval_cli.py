@@ -166,3 +166,31 @@ def test_eval_cli_random_init_baseline_is_the_same_in_every_run() -> None:
         states.append(model.state_dict())
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_eval_cli_timm_weights_file_is_loaded(tmp_path: Path, suffix: str) -> None:
+    import argparse
+
+    import timm
+    from safetensors.torch import save_file
+
+    from lightly_msn.eval.cli import _load_model
+
+    torch.manual_seed(1)  # weights unlike the seed-0 random-init baseline
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), path)
+    else:
+        torch.save(source.state_dict(), path)
+    args = argparse.Namespace(
+        checkpoint=None,
+        timm="vit_tiny_patch16_224",
+        img_size=32,
+        timm_weights=str(path),
+    )
+    model, description = _load_model(args)
+    assert description == "timm:vit_tiny_patch16_224"
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -187,12 +187,14 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
         return load_backbone(args.checkpoint), args.checkpoint
     import timm
 
+    from lightly_msn.checkpoint import timm_file_overlay
+
     weights = getattr(args, "timm_weights", None)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if args.img_size:
         kwargs["img_size"] = args.img_size
     if weights:
-        kwargs["pretrained_cfg_overlay"] = {"file": weights}
+        kwargs["pretrained_cfg_overlay"] = timm_file_overlay(weights)
     else:
         logger.warning(
             "evaluating %s with random weights (no --timm-weights), initialised "
