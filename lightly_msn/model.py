@@ -147,6 +147,8 @@ class MSN(nn.Module):
             Compute the last transformer block for the class token only: the
             result is identical (only the class token is used) and a depth-6 ViT
             step needs about 14 % fewer FLOPs (``benchmarks/perf_train_step.py``).
+            Applies to timm's standard ``Block`` as of timm 1.0.24; other blocks
+            (and older timm versions) run in full.
         **vit_kwargs:
             Further keyword arguments for ``timm.create_model``, e.g.
             ``drop_path_rate``.
@@ -511,9 +513,13 @@ def _groups_of_same_size(views: Sequence[Tensor]) -> list[list[Tensor]]:
 
 
 def _supports_class_token_block(block: nn.Module) -> bool:
+    # _class_token_block mirrors timm's Block and Attention as of timm 1.0.24
+    # (attn_dim, the optional scale norm); other layouts run the full block
     return (
         type(block) is Block
         and type(block.attn) is Attention
+        and hasattr(block.attn, "attn_dim")
+        and hasattr(block.attn, "norm")
         and getattr(block.attn, "gate", None) is None
     )
 

@@ -65,6 +65,9 @@ def worker(
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
+        # both ranks reach the teardown together: with torch 2.4 a rank could hang
+        # in destroy_process_group when the other one had already left
+        dist.barrier()
         dist.destroy_process_group()
 
 
