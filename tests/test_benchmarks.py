@@ -346,3 +346,12 @@ def test_profiles_load_and_imagenet_follows_the_paper() -> None:
     assert msn_recipe["mask_ratio"] == 0.15
     with pytest.raises(ValueError, match="no profile 'gpu-fast'.*cpu-quick"):
         load_profile("gpu-fast")
+
+
+def test_perf_components_ema_table_reports_ratio_and_floors() -> None:
+    from benchmarks.perf_components import benchmark_ema
+
+    rows = benchmark_ema(torch.device("cpu"), repeats=1, warmup=0)
+    assert rows[0].startswith("| update_momentum, ViT-S/16 pair (21.7 M parameters)")
+    assert "x faster)" in rows[2]
+    assert "bare torch._foreach_lerp_" in rows[-1] and "flat buffer" in rows[-1]
