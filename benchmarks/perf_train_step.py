@@ -15,11 +15,13 @@ Reported per configuration, as medians over interleaved repeats in one run: step
 time, images/s, the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``),
 GFLOP/s and MFU against the same-run fp32 matmul peak. On CPU it also prints the
 throughput of the encoder's fp32 linear layers through MKL (torch's choice) and
-through oneDNN, for reference.
+through oneDNN, for reference, and with ``--onednn-linear`` one more configuration:
+ours in fp32 with every linear layer computed by oneDNN (a measurement of what that
+library would give, through a private operator; the package does not do this).
 
 Usage::
 
-    python benchmarks/perf_train_step.py [--repeats 5] [--threads N]
+    python benchmarks/perf_train_step.py [--repeats 5] [--threads N] [--onednn-linear]
     python benchmarks/perf_train_step.py --device cuda --batch-size 256  # GPU check
 """
 
@@ -32,6 +34,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
+from typing import Any
 
 import timm
 import torch
@@ -128,12 +131,16 @@ def lightly_step_fn(
 
 
 def ours_step_fn(
-    precision: str, device: torch.device
+    precision: str, device: torch.device, onednn_linear: bool = False
 ) -> Callable[[list[Tensor]], float]:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
     module = MSNLightningModule(model=vit, mask_ratio=0.15, max_steps=1000)
     module.to(device)
+    if onednn_linear:
+        for linear in module.modules():
+            if type(linear) is nn.Linear:
+                linear.__class__ = OneDNNLinear
     optimizer = module.configure_optimizers()
     iteration = 0
 
@@ -224,6 +231,40 @@ def linear_backends_table(repeats: int) -> list[str]:
     return rows
 
 
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """fp32 linear whose forward and input gradient run in oneDNN; the weight
+    gradient stays with MKL, which is fast for that product's layout here."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, inputs: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        rows = inputs.reshape(-1, inputs.shape[-1]).contiguous()
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape, ctx.has_bias = inputs.shape, bias is not None
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        return out.reshape(*inputs.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_input = torch.ops.mkldnn._linear_pointwise(
+            grad_rows, weight.t().contiguous(), None, "none", [], ""
+        ).reshape(ctx.input_shape)
+        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        return grad_input, grad_rows.t() @ rows, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    def forward(self, inputs: Tensor) -> Tensor:
+        if inputs.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            return _OneDNNLinearFunction.apply(inputs, self.weight, self.bias)  # type: ignore[no-any-return]
+        return F.linear(inputs, self.weight, self.bias)
+
+
 def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
@@ -237,6 +278,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument(
+        "--onednn-linear",
+        action="store_true",
+        help="also time ours in fp32 with oneDNN linear layers (CPU only)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,7 +296,12 @@ def main() -> None:
         "lightly bf16-mixed": lightly_step_fn("bf16-mixed", device),
         "ours bf16-mixed": ours_step_fn("bf16-mixed", device),
     }
-    flops = {name: step_flops(step, views) for name, step in configs.items()}
+    if args.onednn_linear and device.type == "cpu":
+        configs["ours fp32, oneDNN linear"] = ours_step_fn(
+            "32-true", device, onednn_linear=True
+        )
+    # FlopCounterMode does not see the private oneDNN operator: same math as ours
+    flops = {name: step_flops(configs[name.split(",")[0]], views) for name in configs}
     for step in configs.values():  # warm-up
         step(views)
     times: dict[str, list[float]] = {name: [] for name in configs}

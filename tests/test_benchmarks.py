@@ -355,3 +355,23 @@ def test_perf_components_ema_table_reports_ratio_and_floors() -> None:
     assert rows[0].startswith("| update_momentum, ViT-S/16 pair (21.7 M parameters)")
     assert "x faster)" in rows[2]
     assert "bare torch._foreach_lerp_" in rows[-1] and "flat buffer" in rows[-1]
+
+
+def test_perf_train_step_onednn_linear_matches_torch_linear() -> None:
+    from benchmarks.perf_train_step import OneDNNLinear
+
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch build has no oneDNN linear operator")
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(12, 5)
+    onednn = OneDNNLinear(12, 5)
+    onednn.load_state_dict(reference.state_dict())
+    inputs = torch.randn(3, 7, 12)
+    outputs = []
+    for layer in (reference, onednn):
+        x = inputs.clone().requires_grad_()
+        out = layer(x)
+        (out * torch.linspace(-1, 1, 5)).square().sum().backward()
+        outputs.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+    for expected, actual in zip(*outputs, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
