@@ -147,7 +147,7 @@ class MSN(nn.Module):
             Compute the last transformer block for the class token only: the
             result is identical (only the class token is used) and a depth-6 ViT
             step needs about 14 % fewer FLOPs (``benchmarks/perf_train_step.py``).
-            Applies to timm's standard ``Block`` as of timm 1.0.24; other blocks
+            Applies to timm's standard ``Block`` as of timm 1.0.23; other blocks
             (and older timm versions) run in full.
         **vit_kwargs:
             Further keyword arguments for ``timm.create_model``, e.g.
@@ -513,7 +513,7 @@ def _groups_of_same_size(views: Sequence[Tensor]) -> list[list[Tensor]]:
 
 
 def _supports_class_token_block(block: nn.Module) -> bool:
-    # _class_token_block mirrors timm's Block and Attention as of timm 1.0.24
+    # _class_token_block mirrors timm's Block and Attention as of timm 1.0.23
     # (attn_dim, the optional scale norm); other layouts run the full block
     return (
         type(block) is Block
