@@ -158,11 +158,18 @@ def peak_extra_memory_bytes(
     return peak
 
 
+def round_ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of ``name``'s time / lightly's time in the same round."""
+    return statistics.median(
+        t / baseline for t, baseline in zip(times[name], times["lightly"], strict=True)
+    )
+
+
 def ratio_rows(times: dict[str, list[float]]) -> list[str]:
     """Median time and median per-round ratio, plus the best (minimum) times,
     which estimate the cost without interference from other processes."""
     ours, theirs = times["ours"], times["lightly"]
-    ratio = statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
+    ratio = round_ratio(times, "ours")
     best_ratio = min(ours) / min(theirs)
     return [
         f"| time, median of rounds | {statistics.median(theirs) * 1e3:.1f} ms | "
@@ -261,9 +268,7 @@ def benchmark_ema(device: torch.device, repeats: int, warmup: int) -> list[str]:
     times = interleaved_times(functions, repeats, warmup, device)
 
     def speedup(name: str) -> float:
-        return statistics.median(
-            t / o for t, o in zip(times["lightly"], times[name], strict=True)
-        )
+        return 1 / round_ratio(times, name)
 
     return [
         f"| update_momentum, ViT-S/16 pair ({num_parameters / 1e6:.1f} M parameters) "
