@@ -19,13 +19,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.methods import method_sort_key
+from lightly_msn.files import atomic_path, atomic_write_text
 
 RECORD_SUFFIX = ".json"
 NOT_RECORDS = frozenset({"summary.json"})
@@ -40,13 +39,7 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
     if "method" not in record:
         raise ValueError("a benchmark record needs a 'method' key")
     path = record_path(run_dir, record["method"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(record, file, indent=2, sort_keys=True)
-        file.write("\n")
-    os.replace(temporary, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -103,7 +96,7 @@ def flatten(
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
     ks, settings = knn_ks(records), fewshot_settings(records)
     rows = [flatten(record, ks, settings) for record in records]
-    with open(path, "w", newline="") as file:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["method"])
         writer.writeheader()
         writer.writerows(rows)
@@ -197,7 +190,8 @@ def _save_plot(
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
     return path
 
@@ -243,7 +237,7 @@ def summarize(run_dir: Path) -> str:
     if not records:
         raise ValueError(f"no benchmark records (*.json) in {run_dir}")
     table = markdown_table(records)
-    (run_dir / "results.md").write_text(table)
+    atomic_write_text(run_dir / "results.md", table)
     write_csv(records, run_dir / "results.csv")
     plot_fewshot(records, run_dir / "fewshot.png")
     plot_knn_curves(records, run_dir / "knn_curve.png")
