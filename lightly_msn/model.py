@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from lightly_msn.ema import update_momentum
 from lightly_msn.heads import MSNProjectionHead, MSNPrototypes
 from lightly_msn.masking import focal_token_mask, random_token_mask
+from lightly_msn.schedules import weight_decay_groups
 
 # Patch drop ratios of the paper ([0], Appendix C): 0.15 for ViT-S/16, 0.3 for
 # ViT-B/16 and 0.7 for ViT-L/7 and ViT-B/4. Keyed by (model size, patch size <= n).
@@ -180,6 +180,9 @@ class MSN(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(vit, str):
+            for what, size in (("img_size", img_size), ("patch_size", patch_size)):
+                if size is not None and size < 1:
+                    raise ValueError(f"MSN: {what} must be positive, got {size}.")
             model_name = vit
             vit = create_vit(
                 vit,
@@ -213,6 +216,12 @@ class MSN(nn.Module):
                 f"class token {'present' if vit.cls_token is not None else 'absent'}."
             )
         vit_patch_size = _patch_size(vit)
+        grid = vit.patch_embed.img_size
+        if grid is not None and any(side % vit_patch_size for side in grid):
+            raise ValueError(
+                f"MSN: the image size {tuple(grid)} is not a multiple of the patch "
+                f"size {vit_patch_size}."
+            )
         if mask_ratio is None:
             mask_ratio = default_mask_ratio(model_name, vit_patch_size)
         if not 0.0 <= mask_ratio < 1.0:
@@ -372,28 +381,11 @@ class MSN(nn.Module):
 
         Weight decay applies to the weight matrices (and the class token and
         position embedding); biases, other 1-D parameters (norms) and the
-        prototypes get none. Groups carry ``"apply_weight_decay"`` for the weight
-        decay schedule.
+        prototypes get none (see :func:`~lightly_msn.schedules.weight_decay_groups`).
         """
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for module in (self.anchor_backbone, self.anchor_projection_head):
-            for name, param in module.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if param.ndim <= 1 or name.endswith("bias"):
-                    no_decay.append(param)
-                else:
-                    decay.append(param)
-        return [
-            {"params": decay, "apply_weight_decay": True},
-            {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0},
-            {
-                "params": list(self.prototypes.parameters()),
-                "apply_weight_decay": False,
-                "weight_decay": 0.0,
-            },
-        ]
+        return weight_decay_groups(
+            [self.anchor_backbone, self.anchor_projection_head], [self.prototypes]
+        )
 
     def backbone_state_dict(self, encoder: str = "target") -> dict[str, Tensor]:
         """The timm ViT's state dict (keys as in ``timm.create_model``)."""
@@ -432,18 +424,16 @@ class MSN(nn.Module):
     ) -> Tensor:
         """Class token after the last block (and final norm), kept tokens only."""
         vit = backbone.vit
-        fused = not _low_precision_autocast_on_cpu(images.device)
-        with _fused_attention(vit, fused):
-            tokens = backbone.preprocess(images=images, idx_keep=idx_keep)
-            tokens = vit.norm_pre(tokens)
-            blocks = list(vit.blocks)
-            last = blocks[-1]
-            if self.fast_class_token and _supports_class_token_block(last):
-                for block in blocks[:-1]:
-                    tokens = block(tokens)
-                cls = _class_token_block(last, tokens)
-            else:
-                cls = vit.blocks(tokens)[:, 0]
+        tokens = backbone.preprocess(images=images, idx_keep=idx_keep)
+        tokens = vit.norm_pre(tokens)
+        blocks = list(vit.blocks)
+        last = blocks[-1]
+        if self.fast_class_token and _supports_class_token_block(last):
+            for block in blocks[:-1]:
+                tokens = block(tokens)
+            cls = _class_token_block(last, tokens)
+        else:
+            cls = vit.blocks(tokens)[:, 0]
         return vit.norm(cls) if norm else cls
 
 
@@ -524,38 +514,6 @@ def _supports_class_token_block(block: nn.Module) -> bool:
     )
 
 
-def _low_precision_autocast_on_cpu(device: torch.device) -> bool:
-    return (
-        device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
-    )
-
-
-@contextmanager
-def _fused_attention(vit: nn.Module, fused: bool) -> Iterator[None]:
-    """Selects timm's fused (``scaled_dot_product_attention``) or explicit attention.
-
-    On CPU under bfloat16 autocast the fused attention's backward pass is slow: a
-    ViT block's attention (dim 192, 3 heads, 65 tokens, batch 64) took 38 ms
-    forward + backward fused and 16 ms explicit (fp32: 32 ms fused, 35 ms
-    explicit), so MSN uses the explicit one there. Restores the flags on exit.
-    """
-    if fused:  # timm's own choice (its fused_attn flags) stays as it is
-        yield
-        return
-    modules = [m for m in vit.modules() if isinstance(m, Attention)]
-    previous = [m.fused_attn for m in modules]
-    # timm declares fused_attn Final for TorchScript; eager modules read it per call
-    for module in modules:
-        module.fused_attn = False  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        for module, flag in zip(modules, previous, strict=True):
-            module.fused_attn = flag  # type: ignore[misc]
-
-
 def _class_token_block(block: Any, tokens: Tensor) -> Tensor:
     """``block(tokens)[:, 0]`` computed for the class token query only.
 
@@ -579,7 +537,7 @@ def _class_token_block(block: Any, tokens: Tensor) -> Tensor:
         2, 0, 3, 1, 4
     )
     query, key = attn.q_norm(query), attn.k_norm(key)
-    if attn.fused_attn:  # as timm's Attention: its flag (see _fused_attention)
+    if attn.fused_attn:  # timm's own switch, as its Attention.forward
         out = F.scaled_dot_product_attention(
             query, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )

@@ -18,6 +18,8 @@ official scheduler's value after ``step`` calls of its ``step()``; past the
 schedule's horizon the end value is held (the official cosine would rise again).
 
 ``cosine_schedule`` is lightly's function, re-exported unchanged.
+:func:`weight_decay_groups` splits parameters into the official optimizer groups and
+:func:`apply_schedule` sets a step's learning rate and weight decay on them.
 
 - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
 - [1]: https://github.com/facebookresearch/msn
@@ -26,17 +28,81 @@ schedule's horizon the end value is held (the official cosine would rise again).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from lightly.utils.scheduler import cosine_schedule
+from torch import nn
+from torch.optim import Optimizer
 
 __all__ = [
     "CosineSchedule",
     "LinearSchedule",
     "MSNSchedules",
     "WarmupCosineSchedule",
+    "apply_schedule",
     "cosine_schedule",
+    "weight_decay_groups",
 ]
+
+# marks the optimizer groups whose weight decay follows the schedule
+DECAY_FLAG = "apply_weight_decay"
+
+
+def weight_decay_groups(
+    modules: Iterable[nn.Module], no_decay_modules: Iterable[nn.Module] = ()
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups as in the official code [1] (``init_opt``).
+
+    Weight decay applies to the weight matrices of ``modules`` (and to the class
+    token and position embedding); biases and other 1-D parameters (norms) get
+    none, and so do all parameters of ``no_decay_modules`` (MSN's prototypes).
+    Parameters without gradient are left out. Every group carries
+    ``"apply_weight_decay"``, which :func:`apply_schedule` reads.
+
+    Returns:
+        ``[decayed, not decayed, no_decay_modules' parameters]``; empty groups are
+        kept, so the positions are stable.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim <= 1 or name.endswith("bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    excluded = [
+        param
+        for module in no_decay_modules
+        for param in module.parameters()
+        if param.requires_grad
+    ]
+    return [
+        {"params": decay, DECAY_FLAG: True},
+        {"params": no_decay, DECAY_FLAG: False, "weight_decay": 0.0},
+        {"params": excluded, DECAY_FLAG: False, "weight_decay": 0.0},
+    ]
+
+
+def apply_schedule(
+    optimizer: Optimizer, lr: float | None = None, weight_decay: float | None = None
+) -> None:
+    """Sets the learning rate of every group and the weight decay of decayed groups.
+
+    A group is decayed when its ``"apply_weight_decay"`` flag (set by
+    :func:`weight_decay_groups`) is true; groups without the flag are decayed when
+    their weight decay is not zero. ``None`` leaves a value unchanged.
+    """
+    for group in optimizer.param_groups:
+        if lr is not None:
+            group["lr"] = lr
+        decayed = group.get(DECAY_FLAG, group.get("weight_decay", 0.0) != 0.0)
+        if weight_decay is not None and decayed:
+            group["weight_decay"] = weight_decay
 
 
 def _check_common(name: str, max_steps: int, ipe_scale: float) -> None:
