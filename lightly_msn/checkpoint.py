@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from lightly_msn.files import atomic_path
+
 METADATA_KEY = "lightly_msn"
 BACKBONE_PREFIX = "model.target_backbone.vit."
 
@@ -70,15 +72,14 @@ def export_backbone(
 ) -> Path:
     """Writes a ViT state dict and its config to a ``.safetensors`` file, atomically.
 
-    The file is written next to ``path`` and renamed into place, so a crash never
-    leaves a truncated backbone behind.
+    The file is written next to ``path`` and renamed into place
+    (:func:`lightly_msn.files.atomic_path`), so a crash never leaves a truncated
+    backbone behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
-    tmp.replace(path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(config)})
     return path
 
 
@@ -118,12 +119,41 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, json.loads(metadata[METADATA_KEY])
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a Lightning checkpoint safely (tensors and plain containers only).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: One line naming the file, what was expected and what was
+            found, for anything that is not a Lightning checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        found = type(error).__name__
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (.ckpt) written by lightly-msn: "
+            f"it could not be read as one ({found})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = (
+            f"a {type(checkpoint).__name__}"
+            if not isinstance(checkpoint, dict)
+            else "a dictionary without 'state_dict'"
+        )
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (.ckpt): it holds {found}"
+        )
+    return checkpoint
+
+
 def _read_lightning_checkpoint(
     path: Path,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"load_backbone: {path} is not a Lightning checkpoint.")
+    checkpoint = read_checkpoint(path)
     config = checkpoint.get(METADATA_KEY)
     if config is None:
         raise ValueError(

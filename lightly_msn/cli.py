@@ -4,11 +4,12 @@ Subcommands:
 
 - ``demo``: pretrain a small ViT with MSN on scikit-learn's bundled digits (no download,
   CPU friendly) and compare its kNN accuracy with the same ViT at random initialisation.
-- ``pretrain``: MSN pretraining on an image folder, CIFAR-10 or the bundled digits.
+- ``pretrain``: MSN pretraining on an image folder, CIFAR-10 or the bundled digits,
+  on Lightning's ``LightningCLI`` (``--config``, ``--print_config``, ``--trainer.*``).
 - ``eval``: kNN, retrieval and few-shot evaluation of a checkpoint or a timm model.
 
-The parser is built without importing torch so ``--help`` and ``--version`` are instant;
-each subcommand imports its implementation when it runs.
+The top-level parser is built without importing torch so ``--help`` and
+``--version`` are instant; each subcommand imports its implementation when it runs.
 """
 
 from __future__ import annotations
@@ -18,47 +19,6 @@ import sys
 from collections.abc import Sequence
 
 from lightly_msn import __version__
-
-
-def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        default="digits",
-        help="an ImageFolder path, 'cifar10' (with --data-dir: a local ImageFolder or "
-        "torchvision download root) or 'digits' (bundled with scikit-learn, default)",
-    )
-    parser.add_argument("--data-dir", default=None, help="root for --data cifar10")
-    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name")
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--devices", default="auto")
-    parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--output-dir", default="runs/msn", help="checkpoints, logs")
-    parser.add_argument("--resume", default=None, help="checkpoint to resume from")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--on-bad-image",
-        choices=("skip", "fail"),
-        default="fail",
-        help="what to do with unreadable image files",
-    )
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument(
-        "--warmup-epochs", type=float, default=0.0, help="learning rate warm-up"
-    )
-    parser.add_argument(
-        "--mask-ratio",
-        type=float,
-        default=None,
-        help="patch drop ratio of the anchor views (default: the paper's for --model)",
-    )
-    parser.add_argument("--focal-views", type=int, default=10)
-    parser.add_argument("--num-prototypes", type=int, default=1024)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,17 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
 
-    _add_pretrain_arguments(commands.add_parser("pretrain", help="MSN pretraining"))
+    commands.add_parser(
+        "pretrain",
+        help="MSN pretraining (LightningCLI: see 'lightly-msn pretrain --help')",
+        add_help=False,
+    )
     _add_eval_arguments(
         commands.add_parser("eval", help="kNN / retrieval / few-shot evaluation")
+    )
+    convert = commands.add_parser(
+        "convert-config",
+        help="translate an official MSN YAML config into a 'pretrain --config' file",
+        description="Translate a config of the official MSN code "
+        "(configs/pretrain/msn_vits16.yaml) into a 'lightly-msn pretrain --config' "
+        "file; untranslated keys are listed as comments.",
+    )
+    convert.add_argument("official", help="the official YAML config")
+    convert.add_argument(
+        "-o", "--output", default=None, help="write here instead of to stdout"
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightly-msn`` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["pretrain"]:
+        # LightningCLI parses the rest: --model.*, --data.*, --trainer.*, --config
+        from lightly_msn.pretrain_cli import run_pretrain_cli
+
+        return run_pretrain_cli(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.command is None:
         parser.print_help()
         return 0
@@ -120,16 +101,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightly_msn.demo import run_demo
 
         return run_demo(args)
-    if args.command == "pretrain":
-        from lightly_msn.train import run_pretrain_cli
-
-        return run_pretrain_cli(args)
+    if args.command == "convert-config":
+        return _convert_config(args)
     if args.command == "eval":
         from lightly_msn.eval.cli import run_eval_cli
 
         return run_eval_cli(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _convert_config(args: argparse.Namespace) -> int:
+    from lightly_msn.official_config import convert_official_file
+
+    try:
+        text = convert_official_file(args.official)
+    except (ValueError, OSError) as error:
+        print(f"lightly-msn convert-config: error: {error}", file=sys.stderr)
+        return 2
+    if args.output is None:
+        print(text, end="")
+        return 0
+    from lightly_msn.files import atomic_write_text
+
+    atomic_write_text(args.output, text)
+    print(f"written to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

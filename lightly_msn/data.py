@@ -1,7 +1,10 @@
 """Datasets for pretraining and evaluation: image folders, CIFAR-10 and bundled digits.
 
-`build_dataset` returns a torch ``Dataset`` of ``(image, label)`` pairs where ``image``
-is an RGB ``PIL.Image`` (or whatever ``transform`` makes of it) and ``label`` an int.
+:class:`MSNDataModule` is the Lightning ``LightningDataModule`` of MSN pretraining: it
+builds the training set with the MSN multi-view transform, checks it, and makes its
+``DataLoader``. ``build_dataset`` returns a torch ``Dataset`` of ``(image, label)``
+pairs where ``image`` is an RGB ``PIL.Image`` (or whatever ``transform`` makes of it)
+and ``label`` an int.
 
 Image files are checked **eagerly**, when the dataset is built: every file is opened
 and its structure verified with ``PIL.Image.verify`` (headers and chunk structure; it
@@ -9,22 +12,30 @@ does not decode the pixels, so it costs a file read, about a millisecond for a s
 JPEG). A broken file therefore fails before training starts instead of hours into an
 epoch. With ``on_bad_image="skip"`` such files are dropped, counted and reported in
 one logged warning. A file whose header is intact but whose pixel data is truncated
-can still pass ``verify``; loading it later raises an error that names the file.
+can still pass ``verify``: loading it later raises an error that names the file, or,
+with ``"skip"``, the next image takes its place and the file is counted
+(:class:`CheckedImageFolder`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
-from torch.utils.data import Dataset
+from pytorch_lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
+
+from lightly_msn.transforms import CIFAR10_NORMALIZE, MSNTransform
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +46,13 @@ SPLITS = ("train", "test")
 # (and every test) sees the same train and test images.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+MAX_LOADER_PROCESSES = 256
+# images up to this size get the small-image preset (CIFAR-10's statistics, no blur)
+SMALL_IMAGE_SIZE = 64
+NORMALIZATIONS: dict[str, dict[str, list[float]]] = {
+    "cifar10": CIFAR10_NORMALIZE,
+    "imagenet": IMAGENET_NORMALIZE,
+}
 
 
 def build_dataset(
@@ -151,21 +169,53 @@ class CheckedImageFolder(ImageFolder):
     """torchvision's ``ImageFolder`` whose loading errors name the failing file.
 
     ``num_skipped_images`` counts the unreadable files dropped when it was built.
+    With ``skip_unreadable`` (``on_bad_image="skip"``), a file that passed the check
+    at build time but cannot be decoded when it is loaded (a JPEG whose header is
+    intact but whose data is truncated) is replaced by the next readable image, so
+    batches keep their size and training never dies on it; such files are counted
+    in :attr:`load_failures`, shared with the loader's worker processes.
     """
 
     num_skipped_images: int = 0
+    skip_unreadable: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # one slot per process (main + workers), so no two processes add to one
+        # number; in shared memory, so the main process sees the workers' counts
+        self.load_failures = torch.zeros(MAX_LOADER_PROCESSES, dtype=torch.int64)
+        self.load_failures.share_memory_()
+
+    @property
+    def num_load_failures(self) -> int:
+        """Images that failed to load (and were replaced) since it was built."""
+        return int(self.load_failures.sum())
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, target = self.samples[index]
-        try:
-            sample = self.loader(path)
-        except Exception as error:
-            raise OSError(f"could not load image file {path}: {error}") from error
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                sample = self.loader(path)
+                break
+            except Exception as error:
+                if not self.skip_unreadable:
+                    raise OSError(
+                        f"could not load image file {path}: {error}"
+                    ) from error
+                self._count_load_failure(path, error)
+        else:
+            raise OSError(f"no image of {self.root} could be loaded")
         if self.transform is not None:
             sample = self.transform(sample)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+    def _count_load_failure(self, path: str, error: Exception) -> None:
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (MAX_LOADER_PROCESSES - 1)
+        self.load_failures[slot] += 1
+        logger.warning("skipped unreadable image file %s (%s)", path, error)
 
 
 def _build_cifar10(
@@ -252,7 +302,8 @@ def _check_image_files(
             if on_bad_image == "fail":
                 raise ValueError(
                     f"unreadable image file {path} ({error}); fix or remove it, or "
-                    "use on_bad_image='skip' (--on-bad-image skip) to drop such files"
+                    "use on_bad_image='skip' (--data.on_bad_image skip) to drop such "
+                    "files"
                 ) from error
             bad.append(path)
             continue
@@ -277,6 +328,384 @@ def _check_image_files(
     dataset.imgs = kept
     dataset.targets = [target for _, target in kept]
     dataset.num_skipped_images = len(bad)
+    dataset.skip_unreadable = on_bad_image == "skip"
 
 
-__all__ = ["CheckedImageFolder", "DigitsDataset", "build_dataset"]
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The labels of an ImageFolder, torchvision's ``CIFAR10`` or ``DigitsDataset``."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise ValueError(
+            f"{type(dataset).__name__} has no 'targets' attribute; a class-balanced "
+            "subset needs the labels"
+        )
+    return np.asarray(targets, dtype=np.int64)
+
+
+def balanced_indices(labels: np.ndarray, size: int | None, seed: int) -> list[int]:
+    """A random subset of ``size`` indices with (nearly) equal counts per class.
+
+    Classes get ``size // num_classes`` images each, the first ``size %
+    num_classes`` classes one more; ``None`` returns every index.
+    """
+    if size is None:
+        return list(range(len(labels)))
+    if size < 1:
+        raise ValueError(f"a subset needs at least one image, got size={size}")
+    classes = np.unique(labels)
+    per_class, remainder = divmod(size, len(classes))
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for position, label in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        count = per_class + int(position < remainder)
+        if count > len(members):
+            raise ValueError(
+                f"a balanced subset of {size} images needs {count} images of class "
+                f"{label}, which has only {len(members)}; lower the subset size"
+            )
+        chosen.extend(rng.choice(members, size=count, replace=False).tolist())
+    return sorted(chosen)
+
+
+class TransformedSubset(Dataset):
+    """``(transform(image), label)`` for the images ``indices`` of ``dataset``.
+
+    The base dataset yields untransformed images, so one decoded dataset serves
+    several transforms (training views, evaluation tensors).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Sequence[int],
+        transform: Callable[[Any], Any],
+    ) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[self.indices[index]]
+        return self.transform(image), int(label)
+
+
+def default_focal_size(img_size: int) -> int:
+    """Focal view size: half the image up to 64 px, else 3/7 of it (96 for 224)."""
+    return img_size // 2 if img_size <= SMALL_IMAGE_SIZE else img_size * 3 // 7
+
+
+def normalization(name: str | None, img_size: int) -> dict[str, list[float]]:
+    """Mean and std of ``"cifar10"`` or ``"imagenet"``; ``None`` picks by image size."""
+    if name is None:
+        name = "cifar10" if img_size <= SMALL_IMAGE_SIZE else "imagenet"
+    if name not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalize must be one of {sorted(NORMALIZATIONS)} or None, got {name!r}"
+        )
+    return NORMALIZATIONS[name]
+
+
+def eval_transform(
+    img_size: int, normalize: dict[str, list[float]] | str | None = None
+) -> Callable[[Any], Tensor]:
+    """Deterministic evaluation transform: resize, centre crop, to tensor, normalise.
+
+    Images up to 64 px are resized to ``img_size``; larger ones to ``img_size *
+    256 / 224`` first (the ImageNet convention) and centre-cropped.
+
+    Args:
+        img_size:
+            Side of the square output.
+        normalize:
+            Mean and std, ``"cifar10"``, ``"imagenet"``, or ``None`` (by size).
+    """
+    from torchvision import transforms as T
+
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if not isinstance(normalize, dict):
+        normalize = normalization(normalize, img_size)
+    resize = img_size if img_size <= SMALL_IMAGE_SIZE else img_size * 256 // 224
+    return T.Compose(
+        [
+            T.Resize(resize),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(normalize["mean"], normalize["std"]),
+        ]
+    )
+
+
+class MSNDataModule(LightningDataModule):
+    """The training data of MSN pretraining, as a Lightning ``LightningDataModule``.
+
+    Builds the training split of a dataset (an ImageFolder, CIFAR-10 or the bundled
+    digits, see :func:`build_dataset`), applies the MSN multi-view transform
+    (:class:`~lightly_msn.transforms.MSNTransform`: ``random_views`` views of
+    ``img_size`` pixels, the first of which is the target view, and ``focal_views``
+    views of ``focal_size``) and serves shuffled batches of ``(views, labels)``.
+    Arguments are checked when it is created; the images when it is set up, before
+    training: unreadable files, images smaller than the crop, and a dataset smaller
+    than one global batch are reported then, not hours into an epoch.
+
+    Images up to 64 px get the small-image preset (no blur, CIFAR-10 statistics,
+    focal views of half the size); larger ones the paper's (blur 0.5, ImageNet
+    statistics, focal views of 3/7 of the size: 96 for 224).
+
+    Args:
+        dataset:
+            An ImageFolder path (with ``train/`` and ``test/`` sub-folders or a
+            plain ``root/<class>/<image>`` tree), ``"cifar10"`` or ``"digits"``;
+            for a dataset instance use :meth:`from_dataset`.
+        data_dir:
+            Root for ``dataset="cifar10"``: a local ImageFolder with ``train/`` and
+            ``test/``, or torchvision's CIFAR-10 folder.
+        img_size:
+            Size of the random (and target) views in pixels; the side of the
+            upsampled digits.
+        focal_size:
+            Size of the focal views; ``None``: half of ``img_size`` up to 64 px,
+            else 3/7 of it.
+        random_views:
+            Random views per image, the target view included (2 in the paper: one
+            target, one masked anchor).
+        focal_views:
+            Focal views per image (10 in the paper).
+        random_crop_scale:
+            Min and max area of the random crops, relative to the image.
+        focal_crop_scale:
+            Min and max area of the focal crops, relative to the image.
+        cj_prob:
+            Probability of colour jitter.
+        cj_strength:
+            Strength of the colour jitter (0.5 in the paper's ViT-S/16 config).
+        random_gray_scale:
+            Probability of grayscale conversion.
+        hf_prob:
+            Probability of a horizontal flip.
+        gaussian_blur:
+            Probability of Gaussian blur; ``None``: 0 up to 64 px, else 0.5.
+        normalize:
+            ``"cifar10"``, ``"imagenet"`` or ``None`` (by image size).
+        batch_size:
+            Images per batch and device.
+        num_workers:
+            Data loading processes per device.
+        on_bad_image:
+            ``"fail"``: an unreadable image file stops the run and is named;
+            ``"skip"``: such files are left out (or replaced by the next image when
+            they only fail at loading) and counted.
+        train_subset:
+            Train on a class-balanced random subset of this many images (``None``:
+            all of them).
+        subset_seed:
+            Seed of the subset draw.
+        transform:
+            Replaces the MSN transform (any callable returning the list of views,
+            e.g. another method's multi-view transform); the view arguments above
+            are then unused.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        data_dir: str | None = None,
+        img_size: int = 32,
+        focal_size: int | None = None,
+        random_views: int = 2,
+        focal_views: int = 10,
+        random_crop_scale: tuple[float, float] = (0.3, 1.0),
+        focal_crop_scale: tuple[float, float] = (0.05, 0.3),
+        cj_prob: float = 0.8,
+        cj_strength: float = 1.0,
+        random_gray_scale: float = 0.2,
+        hf_prob: float = 0.5,
+        gaussian_blur: float | None = None,
+        normalize: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        on_bad_image: str = "fail",
+        train_subset: int | None = None,
+        subset_seed: int = 0,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if batch_size < 2:
+            raise ValueError(
+                f"{name}: batch_size must be >= 2 (the projection head's BatchNorm "
+                f"needs a batch), got {batch_size}."
+            )
+        if num_workers < 0:
+            raise ValueError(f"{name}: num_workers must be >= 0, got {num_workers}.")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"{name}: on_bad_image must be one of {BAD_IMAGE_POLICIES}, got "
+                f"{on_bad_image!r}."
+            )
+        if img_size < 1:
+            raise ValueError(f"{name}: img_size must be positive, got {img_size}.")
+        if random_views < 1:
+            raise ValueError(
+                f"{name}: random_views must be >= 1 (the target view), got "
+                f"{random_views}."
+            )
+        if train_subset is not None and train_subset < batch_size:
+            raise ValueError(
+                f"{name}: train_subset={train_subset} is smaller than one batch of "
+                f"{batch_size}."
+            )
+        _check_dataset_name(dataset)
+        self.save_hyperparameters(ignore=["transform"])
+        self.dataset: str | Dataset = dataset
+        self.data_dir = data_dir
+        self.img_size = img_size
+        self.focal_size = focal_size or default_focal_size(img_size)
+        self.random_views = random_views
+        self.focal_views = focal_views
+        self.normalize = normalization(normalize, img_size)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_bad_image = on_bad_image
+        self.train_subset = train_subset
+        self.subset_seed = subset_seed
+        if transform is None:
+            small = img_size <= SMALL_IMAGE_SIZE
+            transform = MSNTransform(
+                random_size=img_size,
+                focal_size=self.focal_size,
+                random_views=random_views,
+                focal_views=focal_views,
+                random_crop_scale=random_crop_scale,
+                focal_crop_scale=focal_crop_scale,
+                cj_prob=cj_prob,
+                cj_strength=cj_strength,
+                random_gray_scale=random_gray_scale,
+                hf_prob=hf_prob,
+                gaussian_blur=(0.0 if small else 0.5)
+                if gaussian_blur is None
+                else gaussian_blur,
+                normalize=self.normalize,
+            )
+        self.transform = transform
+        self.train_dataset: Dataset | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, **kwargs: Any) -> MSNDataModule:
+        """A data module that trains on a dataset instance.
+
+        Args:
+            dataset:
+                Items start with a PIL image or an image tensor (``ImageFolder``,
+                ``LightlyDataset``, ...). Its ``transform`` attribute is replaced by
+                the MSN transform, or, with ``train_subset``, it is wrapped and
+                needs a ``targets`` attribute for the class-balanced draw.
+            **kwargs:
+                The other arguments of :class:`MSNDataModule`.
+        """
+        if not hasattr(dataset, "transform") and kwargs.get("train_subset") is None:
+            raise ValueError(
+                f"{cls.__name__}: a dataset instance needs a 'transform' attribute "
+                "(as ImageFolder and LightlyDataset have) for the MSN views."
+            )
+        datamodule = cls(**kwargs)
+        datamodule.dataset = dataset
+        datamodule.hparams["dataset"] = type(dataset).__name__
+        return datamodule
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds and checks the training set (reads the image files once)."""
+        if self.train_dataset is None:
+            self.train_dataset = self._build_train_dataset()
+        self._check_size(self._world_size())
+
+    def _build_train_dataset(self) -> Dataset:
+        if isinstance(self.dataset, str):
+            images = build_dataset(
+                self.dataset,
+                split="train",
+                data_dir=self.data_dir,
+                on_bad_image=self.on_bad_image,
+                img_size=self.img_size,
+                min_size=None if self.dataset == "digits" else self.img_size,
+            )
+        else:
+            images = self.dataset
+        if self.train_subset is not None:
+            indices = balanced_indices(
+                dataset_labels(images), self.train_subset, self.subset_seed
+            )
+            return TransformedSubset(images, indices, self.transform)
+        images.transform = self.transform  # type: ignore[attr-defined]
+        return images
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all devices."""
+        return self.batch_size * self._world_size()
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of ``(views, labels)``; the last incomplete one dropped."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def num_load_failures(self) -> int:
+        """Images that could not be decoded during training and were replaced."""
+        dataset = self.train_dataset
+        if isinstance(dataset, TransformedSubset):
+            dataset = dataset.dataset
+        return (
+            dataset.num_load_failures if isinstance(dataset, CheckedImageFolder) else 0
+        )
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _check_size(self, world_size: int) -> None:
+        size = len(self.train_dataset)  # type: ignore[arg-type]
+        if size < self.batch_size * world_size:
+            raise ValueError(
+                f"{type(self).__name__}: the training set has {size} images, fewer "
+                f"than one global batch of {self.batch_size} x {world_size} "
+                "device(s); lower batch_size."
+            )
+
+
+def _check_dataset_name(dataset: str) -> None:
+    if dataset in ("digits", "cifar10"):
+        return
+    root = Path(dataset).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset folder {root} does not exist (expected an ImageFolder, "
+            "'cifar10' or 'digits')"
+        )
+    if not root.is_dir():
+        raise NotADirectoryError(f"dataset path {root} is not a folder")
+
+
+__all__ = [
+    "CheckedImageFolder",
+    "DigitsDataset",
+    "MSNDataModule",
+    "TransformedSubset",
+    "balanced_indices",
+    "build_dataset",
+    "dataset_labels",
+    "eval_transform",
+]

@@ -36,13 +36,11 @@ DEMO_SETTINGS: dict[str, Any] = dict(
     output_dim=64,
     num_prototypes=64,
     vit_kwargs=dict(embed_dim=96, depth=4, num_heads=3),
-    transform_kwargs=dict(
-        random_crop_scale=(0.6, 1.0),
-        focal_crop_scale=(0.25, 0.5),
-        cj_prob=0.0,
-        random_gray_scale=0.0,
-        hf_prob=0.0,
-    ),
+    random_crop_scale=(0.6, 1.0),
+    focal_crop_scale=(0.25, 0.5),
+    cj_prob=0.0,
+    random_gray_scale=0.0,
+    hf_prob=0.0,
 )
 KNN_K = 20
 
@@ -83,48 +81,39 @@ def demo(
     **settings: Any,
 ) -> DemoResult:
     """Pretrains on the digits and returns the kNN accuracies (see ``run_demo``)."""
-    from lightning import seed_everything
+    from pytorch_lightning import seed_everything
 
-    from lightly_msn.data import build_dataset
+    from lightly_msn.data import build_dataset, eval_transform
     from lightly_msn.model import ClassTokenFeatures, create_vit
     from lightly_msn.train import pretrain
-    from lightly_msn.transforms import MSNTransform
 
     start = time.perf_counter()
     # before the ViT is created: torch seeds its default generator at random per
     # process, so an unseeded initialisation made every run of a seed different
     seed_everything(seed, verbose=False)
     settings = {**DEMO_SETTINGS, **settings}
-    vit_kwargs = settings.pop("vit_kwargs")
-    transform = MSNTransform.for_cifar10(
-        settings["random_views"],
-        settings["focal_views"],
-        random_size=settings["img_size"],
-        focal_size=settings["focal_size"],
-        **settings.pop("transform_kwargs"),
-    )
     model = create_vit(
         settings.pop("model"),
         img_size=settings["img_size"],
         patch_size=settings["patch_size"],
-        **vit_kwargs,
+        **settings.pop("vit_kwargs"),
     )
     random_init = ClassTokenFeatures(create_vit_like(model)).eval()
     result = pretrain(
-        data="digits",
-        model=model,
+        dataset="digits",
+        vit=model,
         output_dir=output_dir,
+        overwrite=True,
         seed=seed,
         num_workers=0,
         accelerator="cpu",
         devices=1,
         progress=progress,
-        transform=transform,
         **settings,
     )
     pretrained = ClassTokenFeatures(result.module.model.target_vit).eval()
 
-    transform = _eval_transform()
+    transform = eval_transform(settings["img_size"], "cifar10")
     train = build_dataset(
         "digits", "train", transform=transform, img_size=settings["img_size"]
     )
@@ -159,16 +148,3 @@ def knn_accuracy(
     test_features, test_labels = embed(backbone, test, device="cpu", progress=progress)
     classifier = KNNClassifier(ks=(KNN_K,)).fit(train_features, train_labels)
     return classifier.score(test_features, test_labels)[f"knn_top1@{KNN_K}"]
-
-
-def _eval_transform() -> Any:
-    from torchvision import transforms
-
-    from lightly_msn.transforms import CIFAR10_NORMALIZE
-
-    return transforms.Compose(
-        [
-            transforms.ToTensor(),
-            transforms.Normalize(CIFAR10_NORMALIZE["mean"], CIFAR10_NORMALIZE["std"]),
-        ]
-    )

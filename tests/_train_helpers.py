@@ -23,7 +23,7 @@ def tiny_vit(**overrides: Any) -> Any:
 
 def quiet_cpu_trainer(max_steps: int = 1) -> Any:
     """A Lightning ``Trainer`` on one CPU: no logger, checkpoints, bars or summary."""
-    from lightning import Trainer
+    from pytorch_lightning import Trainer
 
     return Trainer(
         max_steps=max_steps,
@@ -39,7 +39,7 @@ def quiet_cpu_trainer(max_steps: int = 1) -> Any:
 def tiny_module(**overrides: Any) -> Any:
     from lightly_msn.train import MSNLightningModule
 
-    kwargs: dict[str, Any] = dict(model=tiny_vit(), max_steps=10, **TINY_HEAD)
+    kwargs: dict[str, Any] = dict(vit=tiny_vit(), max_steps=10, **TINY_HEAD)
     kwargs.update(overrides)
     return MSNLightningModule(**kwargs)
 

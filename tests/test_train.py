@@ -1,4 +1,5 @@
 import csv
+import io
 import logging
 import tarfile
 from pathlib import Path
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from lightning import Callback, LightningModule, Trainer
 from packaging.version import Version
 from PIL import Image
+from pytorch_lightning import Callback, LightningModule, Trainer
 from torch.utils.data import Dataset
 
 from lightly_msn.cli import main
@@ -74,13 +75,13 @@ class KillAtEpoch(Callback):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     kwargs = dict(TINY_PRETRAIN, epochs=2, seed=3, warmup_epochs=1.0)
     full = pretrain(
-        RandomImages(), model=seeded_vit(), output_dir=tmp_path / "a", **kwargs
+        RandomImages(), vit=seeded_vit(), output_dir=tmp_path / "a", **kwargs
     )
 
     with pytest.raises(Killed):
         pretrain(
             RandomImages(),
-            model=seeded_vit(),
+            vit=seeded_vit(),
             output_dir=tmp_path / "b",
             callbacks=[KillAtEpoch(1)],
             **kwargs,
@@ -89,7 +90,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     assert checkpoint.is_file()
     resumed = pretrain(
         RandomImages(),
-        model=seeded_vit(),
+        vit=seeded_vit(),
         output_dir=tmp_path / "b",
         resume=checkpoint,
         **kwargs,
@@ -114,7 +115,7 @@ def test_export_loads_into_timm_without_missing_keys(
 ) -> None:
     result = pretrain(
         RandomImages(16),
-        model=tiny_vit(),
+        vit=tiny_vit(),
         output_dir=tmp_path,
         epochs=1,
         **TINY_PRETRAIN,
@@ -154,24 +155,39 @@ def test_export_loads_into_timm_without_missing_keys(
 def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fsspec.implementations.local import LocalFileOpener
+    real_save = torch.save
+    saved: list[str] = []
 
-    kwargs = dict(TINY_PRETRAIN, epochs=2, output_dir=tmp_path)
-    pretrain(RandomImages(16), model=tiny_vit(), **kwargs)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    good = last.read_bytes()
+    def save_then_fill_the_disk(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        saved.append(str(path))
+        if len(saved) <= 2:  # epoch 0: epoch=000.ckpt and last.ckpt
+            real_save(obj, path, *args, **kwargs)
+            return
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError("No space left on device")
 
-    def crash_mid_write(self: Any, data: bytes) -> int:
-        self.f.write(data[: len(data) // 2])
-        raise OSError("disk full")
-
-    monkeypatch.setattr(LocalFileOpener, "write", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
         pretrain(
-            RandomImages(16), model=tiny_vit(), resume=last, **{**kwargs, "epochs": 3}
+            RandomImages(16),
+            vit=tiny_vit(),
+            epochs=2,
+            output_dir=tmp_path,
+            **TINY_PRETRAIN,
         )
-    assert last.read_bytes() == good
-    torch.load(last, weights_only=True)  # still a complete checkpoint
+    checkpoints = tmp_path / "checkpoints"
+    # the torn file was a temporary one beside the target, and it is gone
+    assert Path(saved[-1]).parent == checkpoints
+    assert Path(saved[-1]).name.endswith(".partial")
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch=000.ckpt",
+        "last.ckpt",
+    ]
+    for name in ("epoch=000.ckpt", "last.ckpt"):
+        checkpoint = torch.load(checkpoints / name, weights_only=True)
+        assert checkpoint["epoch"] == 0
 
 
 def test_load_backbone_rejects_foreign_files(tmp_path: Path) -> None:
@@ -212,17 +228,19 @@ def test_cli_pretrain_on_real_cifar10_images(
     out = tmp_path / "run"
     code = main(
         [
-            "pretrain", "--data", str(data), "--model", "vit_tiny_patch16_224",
-            "--img-size", "32", "--patch-size", "8", "--epochs", "1",
-            "--batch-size", "8", "--focal-views", "2", "--num-workers", "0",
-            "--num-prototypes", "16", "--devices", "1", "--accelerator", "cpu",
-            "--output-dir", str(out),
+            "pretrain", "--data.dataset", str(data),
+            "--model.vit", "vit_tiny_patch16_224", "--data.img_size", "32",
+            "--model.patch_size", "8", "--trainer.max_epochs", "1",
+            "--data.batch_size", "8", "--data.focal_views", "2",
+            "--data.num_workers", "0", "--model.num_prototypes", "16",
+            "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+            "--output_dir", str(out),
         ]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "backbone.safetensors" in printed
-    for name in ("backbone.safetensors", "metrics.csv", "training.png"):
+    for name in ("backbone.safetensors", "metrics.csv", "training.png", "config.yaml"):
         assert (out / name).is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
     features = load_backbone(out / "backbone.safetensors")(torch.randn(2, 3, 32, 32))
@@ -235,25 +253,31 @@ def write_images(folder: Path, sizes: list[int]) -> None:
         Image.new("RGB", (size, size), (index * 20, 0, 0)).save(folder / f"{index}.png")
 
 
+TINY_CLI = [
+    "--data.img_size", "16", "--model.patch_size", "4", "--trainer.max_epochs", "1",
+    "--data.batch_size", "4", "--data.num_workers", "0", "--data.focal_views", "1",
+    "--model.num_prototypes", "8", "--model.hidden_dim", "16",
+    "--model.output_dim", "8", "--trainer.devices", "1",
+    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    "--model.vit_kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}',
+]  # fmt: skip
+
+
 def run_cli(data: Path, tmp_path: Path, *extra: str) -> int:
     return main(
-        [
-            "pretrain", "--data", str(data), "--img-size", "16", "--patch-size", "4",
-            "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
-            "--focal-views", "1", "--num-prototypes", "8", "--devices", "1",
-            "--accelerator", "cpu", "--output-dir", str(tmp_path / "run"), *extra,
-        ]
-    )  # fmt: skip
+        ["pretrain", "--data.dataset", str(data), *TINY_CLI]
+        + ["--output_dir", str(tmp_path / "run"), *extra]
+    )
 
 
 def test_cli_reports_missing_and_empty_folders(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run_cli(tmp_path / "nowhere", tmp_path) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert run_cli(tmp_path / "empty", tmp_path) == 2
-    assert "no class sub-folders" in capsys.readouterr().out
+    assert "no class sub-folders" in capsys.readouterr().err
 
 
 def test_cli_unreadable_images_fail_or_are_skipped(
@@ -263,8 +287,11 @@ def test_cli_unreadable_images_fail_or_are_skipped(
     write_images(data / "a", [16] * 8)
     (data / "a" / "broken.png").write_bytes(b"not an image")
     assert run_cli(data, tmp_path) == 2
-    assert "broken.png" in capsys.readouterr().out
-    assert run_cli(data, tmp_path, "--on-bad-image", "skip") == 0
+    error = capsys.readouterr().err
+    assert "broken.png" in error and "lightly-msn pretrain: error:" in error
+    # the failed run wrote nothing, so the same output directory can be reused
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert run_cli(data, tmp_path, "--data.on_bad_image", "skip") == 0
 
 
 def test_cli_rejects_images_smaller_than_the_crop(
@@ -273,7 +300,7 @@ def test_cli_rejects_images_smaller_than_the_crop(
     data = tmp_path / "data"
     write_images(data / "a", [16] * 7 + [8])
     assert run_cli(data, tmp_path) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "7.png" in message and "16" in message
 
 
@@ -283,7 +310,7 @@ def test_cli_rejects_a_missing_resume_checkpoint(
     data = tmp_path / "data"
     write_images(data / "a", [16] * 8)
     assert run_cli(data, tmp_path, "--resume", str(tmp_path / "gone.ckpt")) == 2
-    assert "gone.ckpt" in capsys.readouterr().out
+    assert "gone.ckpt" in capsys.readouterr().err
 
 
 def test_pretrain_accepts_a_lightly_dataset(tmp_path: Path) -> None:
@@ -292,7 +319,7 @@ def test_pretrain_accepts_a_lightly_dataset(tmp_path: Path) -> None:
     write_images(tmp_path / "images", [16] * 8)
     dataset = LightlyDataset(str(tmp_path / "images"))
     result = pretrain(
-        dataset, model=tiny_vit(), output_dir=tmp_path / "run", epochs=1,
+        dataset, vit=tiny_vit(), output_dir=tmp_path / "run", epochs=1,
         **{**TINY_PRETRAIN, "batch_size": 4},
     )  # fmt: skip
     assert result.module.global_step == 2

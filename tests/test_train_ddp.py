@@ -17,8 +17,8 @@ import csv
 from pathlib import Path
 
 import torch
-from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
