@@ -7,11 +7,13 @@ number comes from ``lightly_msn.eval`` (``embed``, ``KNNClassifier``,
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -19,6 +21,7 @@ from lightly_msn.eval.embed import embed
 from lightly_msn.eval.fewshot import few_shot_eval, parse_shots
 from lightly_msn.eval.knn import KNNClassifier
 from lightly_msn.eval.retrieval import retrieval_metrics
+from lightly_msn.files import atomic_write_text
 
 
 class FeatureExtractor(nn.Module):
@@ -104,14 +107,21 @@ class KNNMonitor(Callback):
     """kNN top-1 on a small bank before training and after every epoch.
 
     Runs on the global-zero rank only; the time it takes is recorded so that it can
-    be subtracted from the pretraining wall time.
+    be subtracted from the pretraining wall time. With ``path`` the curve is saved
+    after every point (atomically) and read back when the run resumes, so a
+    resumed run's curve still starts at the initialisation.
     """
 
-    def __init__(self, bank: Dataset, test: Dataset, k: int = 20) -> None:
+    def __init__(
+        self, bank: Dataset, test: Dataset, k: int = 20, path: Path | None = None
+    ) -> None:
         self.bank = bank
         self.test = test
         self.k = k
+        self.path = path
         self.curve: list[dict[str, float]] = []
+        if path is not None and path.is_file():
+            self.curve = json.loads(path.read_text())
         self.seconds = 0.0
 
     def measure(self, trainer: Trainer, method: LightningModule, epoch: int) -> None:
@@ -123,11 +133,15 @@ class KNNMonitor(Callback):
             test = embed_method(method, self.test)
         knn = KNNClassifier(ks=(self.k,)).fit(*bank)
         top1 = knn.score(*test)[f"knn_top1@{self.k}"]
+        self.curve = [point for point in self.curve if point["epoch"] < epoch]
         self.curve.append({"epoch": epoch, "top1": top1})
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.curve))
         self.seconds += time.perf_counter() - start
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.measure(trainer, pl_module, epoch=0)
+        if trainer.current_epoch == 0:
+            self.measure(trainer, pl_module, epoch=0)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.measure(trainer, pl_module, epoch=trainer.current_epoch + 1)

@@ -25,17 +25,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the output
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, timm, lightning, lightly, faiss; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, 'lightly', lightly.__version__, 'faiss', faiss.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, timm, pytorch_lightning, lightly, faiss; print('torch', torch.__version__, 'timm', timm.__version__, 'pytorch_lightning', pytorch_lightning.__version__, 'lightly', lightly.__version__, 'faiss', faiss.__version__)" | tee -a "$OUT/gpu.txt"
 step test_cuda 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step test_suite 300 python3 -m pytest -q -p no:cacheprovider -rf tests -k "not docs_build"
 step probe 90 python3 benchmarks/results/gpu-check-h200/probe.py
 step perf_components 120 python3 benchmarks/perf_components.py --device cuda --repeats 30
-step perf_train_step 150 python3 benchmarks/perf_train_step.py --device cuda --batch-size 256 --repeats 10
-step perf_train_step_1024 150 python3 benchmarks/perf_train_step.py --device cuda --batch-size 1024 --repeats 10
+step perf_train_step 150 python3 -m benchmarks.perf_train_step --device cuda --batch-size 256 --repeats 10
+step perf_train_step_1024 150 python3 -m benchmarks.perf_train_step --device cuda --batch-size 1024 --repeats 10
 if [ -n "${DATA_DIR:-}" ]; then
     step bench 300 python3 -m benchmarks.run --profile cpu-quick --methods msn,msn_lightly \
-        --name gpu-check --results-dir "$OUT/runs" --no-progress --set accelerator=gpu \
-        precision=bf16-mixed epochs=3 train_subset=2560 bank_subset=3000 test_subset=1000 \
-        "data_dir=$DATA_DIR" num_workers=8 monitor_bank=1000 monitor_test=500
+        --name gpu-check --results-dir "$OUT/runs" --no-progress --set trainer.accelerator=gpu \
+        trainer.precision=bf16-mixed trainer.max_epochs=3 data.train_subset=2560 \
+        benchmark.bank_subset=3000 benchmark.test_subset=1000 "data.data_dir=$DATA_DIR" \
+        data.num_workers=8 benchmark.monitor_bank=1000 benchmark.monitor_test=500
 fi
 echo "outputs in $OUT"

@@ -2,17 +2,25 @@
 
 Both sides train the same ViT (32 px images, patch 4, dim 192, depth 6, 3 heads) on
 the same views per image (1 target, 1 masked random anchor, 4 focal views of 16 px),
-batch 64, random tensors, with a 2048-256 projection head and 1024 prototypes.
+batch 64, random tensors, with a 2048-256 projection head and 1024 prototypes, and
+both are trained by a ``pytorch_lightning.Trainer`` with the package's run-directory
+arguments (``lightly_msn.train.run_trainer_arguments``: the same attention kernel
+choice under CPU bf16, the same logger), so a step is what ``lightly-msn pretrain``
+and the benchmarks run:
 
-- lightly: the composition of lightly's ``examples/pytorch/msn.py`` on timm
-  (``MaskedVisionTransformerTIMM``, ``MSNProjectionHead``, ``MSNLoss``,
-  ``update_momentum``, AdamW), with mask ratio 0.15 on the anchor and focal views.
-- ours: ``MSNLightningModule``'s step (``lightly_msn.model.MSN`` + ``MSNLoss``,
-  official optimizer groups, gradient clipping, EMA), the focal views unmasked as
-  in the official code.
+- lightly: the benchmark harness's ``msn_lightly`` method, the composition of
+  lightly's ``examples/pytorch/msn.py`` on timm (``MaskedVisionTransformerTIMM``,
+  ``MSNProjectionHead``, ``MSNLoss``, ``update_momentum``, AdamW), with mask ratio
+  0.15 on the anchor and focal views.
+- ours: ``MSNLightningModule`` (``lightly_msn.model.MSN`` + ``MSNLoss``, official
+  optimizer groups, gradient clipping, EMA), the focal views unmasked as in the
+  official code; also with the class-token shortcut of the last block switched off
+  (``fast_class_token=False``), to measure what that code buys.
 
-Reported per configuration, as medians over interleaved repeats in one run: step
-time, images/s, the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``),
+Each round fits every configuration for a few steps on a fresh trainer and times
+the steps after the first (``on_train_batch_start`` to ``on_train_batch_end``,
+synchronised); rounds interleave the configurations, and the table reports medians:
+step time, images/s, the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``),
 GFLOP/s and MFU against the same-run fp32 matmul peak. On CPU it also prints the
 throughput of the encoder's fp32 linear layers through MKL (torch's choice) and
 through oneDNN, for reference, and with ``--onednn-linear`` one more configuration:
@@ -21,152 +29,137 @@ library would give, through a private operator; the package does not do this).
 
 Usage::
 
-    python benchmarks/perf_train_step.py [--repeats 5] [--threads N] [--onednn-linear]
-    python benchmarks/perf_train_step.py --device cuda --batch-size 256  # GPU check
+    python -m benchmarks.perf_train_step [--repeats 5] [--threads N] [--onednn-linear]
+    python -m benchmarks.perf_train_step --device cuda --batch-size 256  # GPU check
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
-import timm
 import torch
-from lightly.loss import MSNLoss as LightlyMSNLoss
-from lightly.models import utils as lightly_utils
-from lightly.models.modules import MaskedVisionTransformerTIMM
-from lightly.models.modules.heads import MSNProjectionHead as LightlyHead
+from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightly_msn.train import MSNLightningModule
+from benchmarks.methods.base import BenchmarkConfig
+from benchmarks.methods.msn_lightly import MSNLightly
+from lightly_msn.model import create_vit
+from lightly_msn.train import MSNLightningModule, run_trainer_arguments
 
 BATCH_SIZE = 64
 CPU = torch.device("cpu")
 IMG_SIZE = 32
 FOCAL_SIZE = 16
 NUM_FOCAL = 4
-VIT_KWARGS = dict(
-    img_size=IMG_SIZE,
-    patch_size=4,
-    embed_dim=192,
-    depth=6,
-    num_heads=3,
-    num_classes=0,
-    dynamic_img_size=True,
-)
+VIT = dict(patch_size=4, embed_dim=192, depth=6, num_heads=3)
+STEPS_PER_ROUND = 3  # the first step of each fit is a warm-up and is not timed
 
 
-def make_views(batch_size: int, device: torch.device) -> list[Tensor]:
-    sizes = [IMG_SIZE] * 2 + [FOCAL_SIZE] * NUM_FOCAL
-    return [torch.randn(batch_size, 3, size, size, device=device) for size in sizes]
+class FixedViews(Dataset):
+    """The same batch of random views, ``length`` times (no loader work)."""
+
+    def __init__(self, batch_size: int, length: int) -> None:
+        sizes = [IMG_SIZE] * 2 + [FOCAL_SIZE] * NUM_FOCAL
+        self.views = [torch.randn(batch_size, 3, size, size) for size in sizes]
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor]:
+        return self.views, torch.zeros(len(self.views[0]))
 
 
-class LightlyRecipe(nn.Module):
-    """lightly's ``examples/pytorch/msn.py`` model, on a timm ViT."""
+class StepTimer(Callback):
+    """Wall time of each training step (forward, backward, optimizer, EMA)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
-        self.mask_ratio = 0.15
-        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
-        self.projection_head = LightlyHead(input_dim=192)
-        self.anchor_backbone = copy.deepcopy(self.backbone)
-        self.anchor_projection_head = copy.deepcopy(self.projection_head)
-        lightly_utils.deactivate_requires_grad(self.backbone)
-        lightly_utils.deactivate_requires_grad(self.projection_head)
-        self.prototypes = nn.Linear(256, 1024, bias=False).weight
+    def __init__(self, float32_loss: bool) -> None:
+        self.float32_loss = float32_loss
+        self.seconds: list[float] = []
+        self.losses: list[float] = []
+        self._start = 0.0
 
-    def forward_masked(self, images: Tensor) -> Tensor:
-        batch_size, _, _, width = images.shape
-        patch_size = self.anchor_backbone.vit.patch_embed.patch_size[0]
-        seq_length = (width // patch_size) ** 2
-        idx_keep, _ = lightly_utils.random_token_mask(
-            size=(batch_size, seq_length),
-            mask_ratio=self.mask_ratio,
-            device=images.device,
-        )
-        out = self.anchor_backbone(images=images, idx_keep=idx_keep)
-        return self.anchor_projection_head(out)  # type: ignore[no-any-return]
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        synchronize(trainer.strategy.root_device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, module: LightningModule, outputs: Any, *args: Any
+    ) -> None:
+        synchronize(trainer.strategy.root_device)
+        self.seconds.append(time.perf_counter() - self._start)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss}")
+        if self.float32_loss and loss.dtype != torch.float32:
+            raise RuntimeError(f"our MSN loss must be float32, got {loss.dtype}")
+        self.losses.append(float(loss))
 
 
-def lightly_step_fn(
-    precision: str, device: torch.device
-) -> Callable[[list[Tensor]], float]:
+def lightly_module(batch_size: int) -> LightningModule:
     torch.manual_seed(0)
-    model = LightlyRecipe().to(device)
-    criterion = LightlyMSNLoss()
-    params = [
-        *model.anchor_backbone.parameters(),
-        *model.anchor_projection_head.parameters(),
-        model.prototypes,
-    ]
-    optimizer = torch.optim.AdamW(params, lr=1.5e-4)
-
-    def step(views: list[Tensor]) -> float:
-        lightly_utils.update_momentum(model.anchor_backbone, model.backbone, 0.996)
-        lightly_utils.update_momentum(
-            model.anchor_projection_head, model.projection_head, 0.996
-        )
-        with autocast(precision, device):
-            targets = model.projection_head(model.backbone(views[0]))
-            anchors = model.forward_masked(views[1])
-            focal = model.forward_masked(torch.cat(views[2:]))
-            loss = criterion(
-                torch.cat([anchors, focal]), targets, model.prototypes.data
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.item()
-
-    return step
+    config = BenchmarkConfig(
+        trainer={"max_epochs": 1},
+        data={
+            "img_size": IMG_SIZE,
+            "focal_size": FOCAL_SIZE,
+            "focal_views": NUM_FOCAL,
+            "batch_size": batch_size,
+        },
+        vit=dict(VIT),
+    )
+    return MSNLightly(config)
 
 
-def ours_step_fn(
-    precision: str, device: torch.device, onednn_linear: bool = False
-) -> Callable[[list[Tensor]], float]:
+def ours_module(fast_class_token: bool = True, onednn_linear: bool = False) -> Any:
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS)
-    module = MSNLightningModule(model=vit, mask_ratio=0.15, max_steps=1000)
-    module.to(device)
+    vit = create_vit("vit_tiny_patch16_224", img_size=IMG_SIZE, **VIT)
+    module = MSNLightningModule(
+        vit=vit, mask_ratio=0.15, max_steps=1000, fast_class_token=fast_class_token
+    )
     if onednn_linear:
         for linear in module.modules():
             if type(linear) is nn.Linear:
                 linear.__class__ = OneDNNLinear
-    optimizer = module.configure_optimizers()
-    iteration = 0
-
-    def step(views: list[Tensor]) -> float:
-        # what Lightning runs per batch: training_step, backward, the clipping
-        # hook, the optimizer step, then the EMA update of on_train_batch_end
-        nonlocal iteration
-        with autocast(precision, device):
-            output = module.compute_loss(views, iteration)
-        output.loss.backward()
-        module.clip_anchor_gradients()
-        optimizer.step()
-        optimizer.zero_grad()
-        module.model.update_target(module.schedule_values(iteration)["momentum"])
-        iteration += 1
-        if output.loss.dtype != torch.float32 or not torch.isfinite(output.loss):
-            raise RuntimeError("the MSN loss must be finite float32")
-        return output.loss.item()
-
-    return step
+    return module
 
 
-def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def fit_steps(
+    module: LightningModule,
+    precision: str,
+    device: torch.device,
+    batch_size: int,
+    steps: int,
+    callbacks: list[Callback],
+) -> None:
+    """Trains ``module`` for ``steps`` steps with the package's trainer arguments."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        arguments = run_trainer_arguments(
+            run_dir, checkpoint_every_n_epochs=None, progress=False
+        )
+        arguments["callbacks"] += callbacks
+        trainer = Trainer(
+            max_steps=steps,
+            accelerator=device.type,
+            devices=1,
+            precision=precision,  # type: ignore[arg-type]
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            **arguments,
+        )
+        loader = DataLoader(
+            FixedViews(batch_size, steps), batch_size=None, collate_fn=None
+        )
+        trainer.fit(module, loader)
 
 
 def synchronize(device: torch.device) -> None:
@@ -265,10 +258,13 @@ class OneDNNLinear(nn.Linear):
         return F.linear(inputs, self.weight, self.bias)
 
 
-def step_flops(step: Callable[[list[Tensor]], float], views: list[Tensor]) -> int:
+def step_flops(
+    module: LightningModule, precision: str, device: torch.device, batch_size: int
+) -> int:
+    """FLOPs of one training step (matrix products, as ``FlopCounterMode`` counts)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        step(views)
+        fit_steps(module, precision, device, batch_size, 1, [])
     return int(counter.get_total_flops())
 
 
@@ -289,31 +285,43 @@ def main() -> None:
     device = torch.device(args.device)
     batch_size = args.batch_size
 
-    views = make_views(batch_size, device)
-    configs = {
-        "lightly fp32": lightly_step_fn("32-true", device),
-        "ours fp32": ours_step_fn("32-true", device),
-        "lightly bf16-mixed": lightly_step_fn("bf16-mixed", device),
-        "ours bf16-mixed": ours_step_fn("bf16-mixed", device),
-    }
-    flops = {name: step_flops(step, views) for name, step in configs.items()}
-    if args.onednn_linear and device.type == "cpu":
-        configs["ours fp32, oneDNN linear"] = ours_step_fn(
-            "32-true", device, onednn_linear=True
+    builders: dict[str, tuple[Callable[[], LightningModule], str]] = {}
+    for precision in ("32-true", "bf16-mixed"):
+        short = "fp32" if precision == "32-true" else precision
+        builders[f"lightly {short}"] = (partial(lightly_module, batch_size), precision)
+        builders[f"ours {short}"] = (ours_module, precision)
+        builders[f"ours {short}, full last block"] = (
+            partial(ours_module, fast_class_token=False),
+            precision,
         )
+    if args.onednn_linear and device.type == "cpu":
+        builders["ours fp32, oneDNN linear"] = (
+            partial(ours_module, onednn_linear=True),
+            "32-true",
+        )
+    modules = {name: build() for name, (build, _) in builders.items()}
+    precisions = {name: precision for name, (_, precision) in builders.items()}
+    flops = {
+        name: step_flops(build(), precisions[name], device, batch_size)
+        for name, (build, _) in builders.items()
+        if "oneDNN" not in name
+    }
+    if "ours fp32, oneDNN linear" in builders:
         # FlopCounterMode does not see the private oneDNN operator: same math
         flops["ours fp32, oneDNN linear"] = flops["ours fp32"]
-    for step in configs.values():  # warm-up
-        step(views)
-    times: dict[str, list[float]] = {name: [] for name in configs}
+
+    times: dict[str, list[float]] = {name: [] for name in modules}
     losses: dict[str, float] = {}
     peaks = []
     for _ in range(args.repeats):
         peaks.append(matmul_peak_gflops(1, device))
-        for name, step in configs.items():
-            start = time.perf_counter()
-            losses[name] = step(views)
-            times[name].append(time.perf_counter() - start)
+        for name, module in modules.items():
+            timer = StepTimer(float32_loss=name.startswith("ours"))
+            fit_steps(
+                module, precisions[name], device, batch_size, STEPS_PER_ROUND, [timer]
+            )
+            times[name] += timer.seconds[1:]
+            losses[name] = timer.losses[-1]
     peak = statistics.median(peaks)
 
     where = (
@@ -330,7 +338,7 @@ def main() -> None:
     )
     print(header)
     print("|---" * 8 + "|")
-    for name in configs:
+    for name in modules:
         seconds = statistics.median(times[name])
         throughput = batch_size / seconds
         gflops = flops[name] / 1e9
@@ -339,6 +347,10 @@ def main() -> None:
             f"{throughput / baseline:.2f} | {gflops:.1f} | {gflops / seconds:.1f} | "
             f"{gflops / seconds / peak:.0%} | {losses[name]:.3f} |"
         )
+    for short in ("fp32", "bf16-mixed"):
+        fast = statistics.median(times[f"ours {short}"])
+        full = statistics.median(times[f"ours {short}, full last block"])
+        print(f"class-token shortcut, {short}: step {full / fast:.3f}x faster with it")
     if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         print("\nfp32 linear layers, MKL (what torch uses) against oneDNN:")
         print("\n".join(linear_backends_table(args.repeats)))

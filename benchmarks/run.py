@@ -7,129 +7,111 @@ Examples::
 
     # two methods, one epoch, into benchmarks/results/smoke/
     python -m benchmarks.run --profile cpu-quick --methods msn,dino --name smoke \\
-        --set epochs=1 train_subset=1000
+        --set trainer.max_epochs=1 data.train_subset=1000
 
-    # ViT-S/16 on ImageNet-1k, 8 GPUs x 4 nodes, bf16 (see benchmarks/README.md)
-    python -m benchmarks.run --profile imagenet-vits16 --set data=/data/imagenet
+    # ViT-S/16 on ImageNet-1k, 8 GPUs x 2 nodes, bf16 (see benchmarks/README.md)
+    python -m benchmarks.run --profile imagenet-vits16 \\
+        --set data.dataset=/data/imagenet
 
-Each method runs in its own process (so its peak memory is its own and a crash
-does not stop the others) and writes ``benchmarks/results/<run>/<method>.json``;
-the run's table (``results.md``, ``results.csv``) and plots are written at the end.
+A profile (``benchmarks/configs/<name>.yaml``) has the sections of ``lightly-msn
+pretrain --config`` files (``trainer``, ``data``) plus ``vit``, ``benchmark`` and
+``methods`` (see :class:`benchmarks.methods.base.BenchmarkConfig`). Each method runs
+in its own process (so its peak memory is its own and a crash does not stop the
+others), trains into ``benchmarks/results/<run>/<method>/`` (metrics and a
+checkpoint after every epoch: an interrupted method continues from it) and writes
+``benchmarks/results/<run>/<method>.json``; the run's table (``results.md``,
+``results.csv``) and plots are written at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from lightning import Callback, Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+import yaml
+from pytorch_lightning import Callback, Trainer, seed_everything
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.utils.data import Dataset
 
 from benchmarks import results
 from benchmarks.evaluate import KNNMonitor, embed_method, evaluate_features
 from benchmarks.methods import available_methods, load_method
-from benchmarks.methods.base import BenchmarkConfig, eval_transform
-from lightly_msn.data import build_dataset
+from benchmarks.methods.base import BenchmarkConfig
+from lightly_msn.data import (
+    TransformedSubset,
+    balanced_indices,
+    build_dataset,
+    dataset_labels,
+    eval_transform,
+)
+from lightly_msn.train import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    prepare_output_dir,
+    run_trainer_arguments,
+)
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 PROFILES_DIR = BENCHMARKS_DIR / "configs"
 RESULTS_DIR = BENCHMARKS_DIR / "results"
-
-
-class TransformedSubset(Dataset):
-    """``(transform(image), label)`` for the images ``indices`` of ``dataset``."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        indices: Sequence[int],
-        transform: Callable[[Any], Any],
-    ) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.dataset[self.indices[index]]
-        return self.transform(image), int(label)
-
-
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """The labels of an ImageFolder, torchvision CIFAR10 or ``DigitsDataset``."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        raise ValueError(
-            f"{type(dataset).__name__} has no 'targets' attribute; the benchmark "
-            "needs the labels to draw class-balanced subsets"
-        )
-    return np.asarray(targets, dtype=np.int64)
-
-
-def balanced_indices(labels: np.ndarray, size: int | None, seed: int) -> list[int]:
-    """A random subset of ``size`` indices with (nearly) equal counts per class.
-
-    Classes get ``size // num_classes`` images each, the first ``size %
-    num_classes`` classes one more; ``None`` returns every index.
-    """
-    if size is None:
-        return list(range(len(labels)))
-    classes = np.unique(labels)
-    per_class, remainder = divmod(size, len(classes))
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for position, label in enumerate(classes):
-        members = np.flatnonzero(labels == label)
-        count = per_class + int(position < remainder)
-        if count > len(members):
-            raise ValueError(
-                f"a balanced subset of {size} images needs {count} images of class "
-                f"{label}, which has only {len(members)}; lower the subset size"
-            )
-        chosen.extend(rng.choice(members, size=count, replace=False).tolist())
-    return sorted(chosen)
+PROFILE_SUFFIX = ".yaml"
 
 
 def load_profile(profile: str) -> dict[str, Any]:
-    """The settings of ``benchmarks/configs/<profile>.json`` or of a JSON file."""
+    """The sections of ``benchmarks/configs/<profile>.yaml`` or of a YAML file."""
     path = Path(profile)
     if not path.suffix:
-        path = PROFILES_DIR / f"{profile}.json"
+        path = PROFILES_DIR / f"{profile}{PROFILE_SUFFIX}"
     if not path.is_file():
-        names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+        names = sorted(p.stem for p in PROFILES_DIR.glob(f"*{PROFILE_SUFFIX}"))
         raise ValueError(f"no profile {profile!r}; available profiles: {names}")
-    values: dict[str, Any] = json.loads(path.read_text())
-    values.pop("_comment", None)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"profile {path} is not a mapping of sections")
     return values
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["epochs=2", "data=/x"]`` -> ``{"epochs": 2, "data": "/x"}`` (JSON values)."""
+    """``["trainer.max_epochs=2", "data.dataset=/x"]`` -> nested sections.
+
+    Values are read as YAML (``2`` is a number, ``[1, 5]`` a list, ``null`` None).
+    """
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        section, dot, name = key.partition(".")
+        if not separator or not section:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {pair!r}")
+        parsed = yaml.safe_load(value) if value else None
+        if not dot:
+            overrides[section] = parsed
+            continue
+        target = overrides.setdefault(section, {})
+        parts = name.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = parsed
     return overrides
+
+
+def merge_profile(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``profile`` with ``overrides`` merged in, section by section (recursively)."""
+    merged = dict(profile)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_profile(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def cpu_model() -> str:
@@ -163,96 +145,83 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
 
 
+def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
+    """The labelled bank, test set and monitor sets, with the evaluation transform."""
+    dataset, data_dir = (
+        config.data.get("dataset", "digits"),
+        config.data.get("data_dir"),
+    )
+    splits = {
+        split: build_dataset(
+            dataset, split, data_dir=data_dir, img_size=config.img_size
+        )
+        for split in ("train", "test")
+    }
+    labels = {split: dataset_labels(images) for split, images in splits.items()}
+    to_tensor = eval_transform(config.img_size, config.normalize)
+
+    def subset(split: str, size: int | None, seed_offset: int) -> Dataset:
+        indices = balanced_indices(labels[split], size, config.seed + seed_offset)
+        return TransformedSubset(splits[split], indices, to_tensor)
+
+    sets = {
+        "bank": subset("train", config.bank_subset, 1),
+        "test": subset("test", config.test_subset, 2),
+    }
+    if config.monitor_bank > 0 and config.monitor_test > 0:
+        sets["monitor_bank"] = subset("train", config.monitor_bank, 3)
+        sets["monitor_test"] = subset("test", config.monitor_test, 4)
+    return sets
+
+
 def pretrain_and_evaluate(
     config: BenchmarkConfig, method_name: str, run_dir: Path, progress: bool = True
 ) -> dict[str, Any] | None:
     """Pretrains one method, evaluates it and writes ``run_dir/<method>.json``.
 
+    The method trains with the package's training path (its data module and the
+    run directory ``run_dir/<method>/``: metrics, atomic checkpoints after every
+    epoch, the device choices shared by all methods). A method whose run was
+    interrupted continues from its last checkpoint.
+
     Returns the record on the global-zero rank, ``None`` on the other ranks.
     """
     seed_everything(config.seed, workers=True)
     method_class = load_method(method_name)
-    train_images = build_dataset(
-        config.data, "train", data_dir=config.data_dir, img_size=config.img_size
-    )
-    test_images = build_dataset(
-        config.data, "test", data_dir=config.data_dir, img_size=config.img_size
-    )
-    train_labels = dataset_labels(train_images)
-    test_labels = dataset_labels(test_images)
+    datamodule = config.datamodule(method_class.make_transform(config))
+    method = method_class.from_config(config)
+    sets = evaluation_sets(config)
 
-    train_set = TransformedSubset(
-        train_images,
-        balanced_indices(train_labels, config.train_subset, config.seed),
-        method_class.make_transform(config),
-    )
-    steps_per_epoch = len(train_set) // config.global_batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{len(train_set)} training images are fewer than one global batch of "
-            f"{config.global_batch_size}; lower batch_size or raise train_subset"
-        )
-    method = method_class.from_config(config, steps_per_epoch=steps_per_epoch)
-
-    to_tensor = eval_transform(config)
-    bank = TransformedSubset(
-        train_images,
-        balanced_indices(train_labels, config.bank_subset, config.seed + 1),
-        to_tensor,
-    )
-    test = TransformedSubset(
-        test_images,
-        balanced_indices(test_labels, config.test_subset, config.seed + 2),
-        to_tensor,
+    method_dir = run_dir / method_name
+    last = method_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    # a method without a checkpoint starts afresh (whatever an earlier attempt left)
+    resume = prepare_output_dir(
+        method_dir,
+        resume=last if last.is_file() else None,
+        overwrite=not last.is_file(),
     )
     callbacks: list[Callback] = []
     monitor = None
-    if config.monitor_bank > 0 and config.monitor_test > 0:
+    if "monitor_bank" in sets:
         monitor = KNNMonitor(
-            TransformedSubset(
-                train_images,
-                balanced_indices(train_labels, config.monitor_bank, config.seed + 3),
-                to_tensor,
-            ),
-            TransformedSubset(
-                test_images,
-                balanced_indices(test_labels, config.monitor_test, config.seed + 4),
-                to_tensor,
-            ),
+            sets["monitor_bank"],
+            sets["monitor_test"],
             k=min(20, config.monitor_bank),
+            path=method_dir / "knn_curve.json",
         )
         callbacks.append(monitor)
-
-    world_size = config.num_nodes * (
-        config.devices if isinstance(config.devices, int) else 1
-    )
+    arguments = run_trainer_arguments(method_dir, progress=progress)
+    arguments["callbacks"] += callbacks
+    datamodule.setup("fit")
+    steps_per_epoch = len(datamodule.train_dataset) // config.global_batch_size  # type: ignore[arg-type]
     trainer = Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=config.strategy,
-        precision=config.precision,  # type: ignore[arg-type]
-        sync_batchnorm=world_size > 1,
-        use_distributed_sampler=True,
-        callbacks=callbacks,
-        logger=CSVLogger(run_dir / "logs", name=method_name, version=0),
+        **config.trainer,
         log_every_n_steps=max(1, min(50, steps_per_epoch // 4)),
-        enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
-    )
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        **arguments,
     )
     start = time.perf_counter()
-    trainer.fit(method, loader)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=resume)
     monitor_seconds = monitor.seconds if monitor is not None else 0.0
     pretrain_seconds = time.perf_counter() - start - monitor_seconds
     if not trainer.is_global_zero:
@@ -265,8 +234,8 @@ def pretrain_and_evaluate(
 
     start = time.perf_counter()
     features = evaluate_features(
-        embed_method(method, bank, progress=progress),
-        embed_method(method, test, progress=progress),
+        embed_method(method, sets["bank"], progress=progress),
+        embed_method(method, sets["test"], progress=progress),
         knn_ks=config.knn_ks,
         fewshot=config.fewshot,
         fewshot_seeds=config.fewshot_seeds,
@@ -277,21 +246,22 @@ def pretrain_and_evaluate(
         "method": method_name,
         "run": run_dir.name,
         "config": config.to_dict(),
-        "recipe": {k: v for k, v in method.recipe.items()},
+        "recipe": dict(method.recipe),
         "hardware": hardware_description(),
         "pretrain": {
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
-            "train_images": len(train_set),
+            "train_images": len(datamodule.train_dataset),  # type: ignore[arg-type]
             "wall_time_s": pretrain_seconds,
             "images_per_s": images_seen / max(pretrain_seconds, 1e-9),
+            "resumed": resume is not None,
             "peak_memory_mb": memory_mb,
             "memory_kind": memory_kind,
             "final_loss": None if loss is None else float(loss),
         },
         "eval": {
-            "bank_images": len(bank),
-            "test_images": len(test),
+            "bank_images": len(sets["bank"]),  # type: ignore[arg-type]
+            "test_images": len(sets["test"]),  # type: ignore[arg-type]
             "wall_time_s": time.perf_counter() - start,
         },
         **features,
@@ -309,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         default="cpu-quick",
-        help="a name in benchmarks/configs/ (cpu-quick, imagenet-vits16) or a JSON "
+        help="a name in benchmarks/configs/ (cpu-quick, imagenet-vits16) or a YAML "
         "file",
     )
     parser.add_argument(
@@ -324,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         nargs="*",
         default=[],
-        metavar="KEY=VALUE",
-        help="override config values, e.g. epochs=2 data=/path/to/imagenet",
+        metavar="SECTION.KEY=VALUE",
+        help="override profile values, e.g. trainer.max_epochs=2 "
+        "data.dataset=/path/to/imagenet benchmark.bank_subset=1000",
     )
     parser.add_argument(
         "--skip-existing",
@@ -344,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = BenchmarkConfig.from_dict(
-        {**load_profile(args.profile), **parse_overrides(args.set)}
+    config = BenchmarkConfig.from_profile(
+        merge_profile(load_profile(args.profile), parse_overrides(args.set))
     )
     methods = (
         available_methods()

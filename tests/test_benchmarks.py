@@ -12,40 +12,37 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 from benchmarks import results
 from benchmarks.methods import available_methods, load_method
 from benchmarks.methods.base import BenchmarkConfig
-from benchmarks.run import (
-    TransformedSubset,
-    balanced_indices,
-    load_profile,
-    main,
-    parse_overrides,
-)
-from lightly_msn.data import build_dataset
+from benchmarks.run import load_profile, main, merge_profile, parse_overrides
+from lightly_msn.data import TransformedSubset, balanced_indices, build_dataset
 from tests._train_helpers import quiet_cpu_trainer
 
 ALL_METHODS = ("msn", "msn_lightly", "pmsn", "dino", "ibot", "simclr", "byol", "mae")
 
 
-def tiny_config(**overrides: Any) -> BenchmarkConfig:
-    values: dict[str, Any] = dict(
-        data="digits",
-        img_size=16,
-        patch_size=4,
-        local_size=8,
-        num_local_views=2,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        batch_size=8,
-        num_workers=0,
-        accelerator="cpu",
-    )
-    return BenchmarkConfig.from_dict({**values, **overrides})
+TINY_PROFILE: dict[str, Any] = {
+    "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1},
+    "data": {
+        "dataset": "digits",
+        "img_size": 16,
+        "focal_size": 8,
+        "focal_views": 2,
+        "batch_size": 8,
+        "num_workers": 0,
+    },
+    "vit": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2},
+}
+
+
+def tiny_config(**sections: Any) -> BenchmarkConfig:
+    """The tiny profile with ``sections`` merged in (``data={"focal_views": 3}``)."""
+    return BenchmarkConfig.from_profile(merge_profile(TINY_PROFILE, sections))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,7 @@ def test_one_training_step_has_finite_loss_and_trains(name: str, digits: Any) ->
     torch.manual_seed(0)
     config = tiny_config()
     method_class = load_method(name)
-    method = method_class.from_config(config, steps_per_epoch=1)
+    method = method_class.from_config(config)
     dataset = TransformedSubset(digits, range(8), method_class.make_transform(config))
     before = {
         key: value.detach().clone()
@@ -95,7 +92,7 @@ def test_msn_prototypes_learn_but_lightly_example_prototypes_do_not(
     for name in ("msn", "msn_lightly"):
         torch.manual_seed(0)
         method_class = load_method(name)
-        method = method_class.from_config(config, steps_per_epoch=1)
+        method = method_class.from_config(config)
         weight = (
             method.model.prototypes.weight
             if name == "msn"
@@ -115,7 +112,7 @@ def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
     config = tiny_config()
     position_embeddings = {}
     for name in ALL_METHODS:
-        method = load_method(name).from_config(config, steps_per_epoch=1)
+        method = load_method(name).from_config(config)
         vits = [m for m in method.modules() if isinstance(m, VisionTransformer)]
         position_embeddings[name] = vits[0].pos_embed
     reference = position_embeddings["msn_lightly"]
@@ -124,13 +121,13 @@ def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
         torch.testing.assert_close(pos_embed, reference, msg=name)
     assert reference[0, 1:].abs().max() > 0.5  # sin-cos values, not trunc-normal
     # and the frozen embedding stays out of our optimizer groups
-    msn = load_method("msn").from_config(config, steps_per_epoch=1)
+    msn = load_method("msn").from_config(config)
     grouped = {id(p) for g in msn.model.parameter_groups() for p in g["params"]}
     assert id(msn.model.vit.pos_embed) not in grouped
 
 
 def test_views_follow_the_config() -> None:
-    config = tiny_config(num_local_views=3)
+    config = tiny_config(data={"focal_views": 3})
     image = build_dataset("digits", "train", img_size=16)[0][0]
     expected = {
         "msn": [16, 16, 8, 8, 8],
@@ -149,29 +146,32 @@ def test_views_follow_the_config() -> None:
 def test_unknown_method_and_bad_overrides_raise() -> None:
     with pytest.raises(ValueError, match="unknown method 'mocov9'.*msn"):
         load_method("mocov9")
-    config = tiny_config(method_overrides={"dino": {"lr_per_128": 1.0}})
-    with pytest.raises(ValueError, match=r"method_overrides\['dino'\].*lr_per_128"):
+    config = tiny_config(methods={"dino": {"lr_per_128": 1.0}})
+    with pytest.raises(ValueError, match=r"methods.dino has unknown keys.*lr_per_128"):
         load_method("dino").from_config(config)
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
-        BenchmarkConfig.from_dict({"epoch": 3})
-    with pytest.raises(ValueError, match="unknown preset 'imagenet'"):
-        BenchmarkConfig.from_dict({"preset": "imagenet"})
-    with pytest.raises(ValueError, match="local_size=10 is not a multiple"):
-        tiny_config(local_size=10)
-    imagefolder = BenchmarkConfig.from_dict({"preset": "imagefolder"})
-    assert (imagefolder.img_size, imagefolder.patch_size, imagefolder.embed_dim) == (
-        224,
-        16,
-        384,
-    )
-    assert tiny_config(devices=4, num_nodes=2).global_batch_size == 64
+    with pytest.raises(ValueError, match=r"unknown sections \['epochs'\]"):
+        BenchmarkConfig.from_profile({**TINY_PROFILE, "epochs": 3})
+    with pytest.raises(ValueError, match=r"unknown keys in data: \['epochs'\]"):
+        tiny_config(data={"epochs": 3})
+    with pytest.raises(ValueError, match=r"unknown keys in trainer: \['max_epoch'\]"):
+        tiny_config(trainer={"max_epoch": 3})
+    with pytest.raises(ValueError, match="focal_size=10 is not a multiple"):
+        tiny_config(data={"focal_size": 10})
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        tiny_config(data={"batch_size": 1})
+    config = tiny_config(trainer={"devices": 4, "num_nodes": 2})
+    assert config.global_batch_size == 64
+    # a config round-trips through its sections
+    assert BenchmarkConfig.from_profile(config.to_dict()) == config
 
 
 def test_recipe_overrides_reach_the_method() -> None:
-    config = tiny_config(batch_size=64, method_overrides={"dino": {"lr_per_256": 1e-3}})
+    config = tiny_config(
+        data={"batch_size": 64}, methods={"dino": {"lr_per_256": 1e-3}}
+    )
     method = load_method("dino").from_config(config)
     assert method.lr == pytest.approx(1e-3 * 64 / 256)
 
@@ -189,12 +189,18 @@ def test_balanced_indices_are_balanced_deterministic_and_checked() -> None:
 
 
 def test_parse_overrides() -> None:
-    assert parse_overrides(["epochs=3", "data=/x/y", 'fewshot=["1","5"]']) == {
-        "epochs": 3,
-        "data": "/x/y",
-        "fewshot": ["1", "5"],
+    overrides = parse_overrides(
+        ["trainer.max_epochs=3", "data.dataset=/x/y", 'benchmark.fewshot=["1","5"]']
+    )
+    assert overrides == {
+        "trainer": {"max_epochs": 3},
+        "data": {"dataset": "/x/y"},
+        "benchmark": {"fewshot": ["1", "5"]},
     }
-    with pytest.raises(ValueError, match="KEY=VALUE"):
+    merged = merge_profile(TINY_PROFILE, overrides)
+    assert merged["trainer"] == {"max_epochs": 3, "accelerator": "cpu", "devices": 1}
+    assert merged["data"]["img_size"] == 16 and merged["data"]["dataset"] == "/x/y"
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
         parse_overrides(["epochs"])
 
 
@@ -282,40 +288,30 @@ def test_write_record_needs_a_method(tmp_path: Path) -> None:
 
 
 def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
-    overrides = dict(
-        data="digits",
-        img_size=16,
-        local_size=8,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        epochs=2,
-        batch_size=32,
-        train_subset=64,
-        bank_subset=300,
-        test_subset=100,
-        monitor_bank=50,
-        monitor_test=50,
-        fewshot=["1", "5%"],
-        fewshot_seeds=2,
-        num_workers=0,
-    )
-    code = main(
-        [
-            "--profile",
-            "cpu-quick",
-            "--methods",
-            "mae",
-            "--name",
-            "e2e",
-            "--results-dir",
-            str(tmp_path),
-            "--no-progress",
-            "--set",
-            *(f"{key}={json.dumps(value)}" for key, value in overrides.items()),
-        ]
-    )
-    assert code == 0
+    overrides = {
+        "trainer.max_epochs": 2,
+        "data.dataset": "digits",
+        "data.img_size": 16,
+        "data.focal_size": 8,
+        "data.batch_size": 32,
+        "data.train_subset": 64,
+        "data.num_workers": 0,
+        "vit.embed_dim": 32,
+        "vit.depth": 1,
+        "vit.num_heads": 2,
+        "benchmark.bank_subset": 300,
+        "benchmark.test_subset": 100,
+        "benchmark.monitor_bank": 50,
+        "benchmark.monitor_test": 50,
+        "benchmark.fewshot": ["1", "5%"],
+        "benchmark.fewshot_seeds": 2,
+    }
+    arguments = [
+        "--profile", "cpu-quick", "--methods", "mae", "--name", "e2e",
+        "--results-dir", str(tmp_path), "--no-progress", "--set",
+        *(f"{key}={json.dumps(value)}" for key, value in overrides.items()),
+    ]  # fmt: skip
+    assert main(arguments) == 0
     record = json.loads((tmp_path / "e2e" / "mae.json").read_text())
     assert record["pretrain"]["epochs"] == 2
     assert record["pretrain"]["steps"] == 4  # 64 images / 32 per batch x 2 epochs
@@ -327,12 +323,62 @@ def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
     assert 0 <= record["retrieval"]["mean_average_precision_at_r"] <= 100
     assert math.isfinite(record["pretrain"]["final_loss"])
     assert (tmp_path / "e2e" / "results.md").read_text().startswith("| method |")
+    # the method trained through the package's run directory
+    method_dir = tmp_path / "e2e" / "mae"
+    assert (method_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (method_dir / "metrics.csv").is_file()
+
+
+def test_an_interrupted_method_continues_from_its_last_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from pytorch_lightning import Callback
+
+    config = tiny_config(trainer={"max_epochs": 2}, data={"train_subset": 16})
+    config.bank_subset, config.test_subset = 40, 20
+    config.monitor_bank = config.monitor_test = 20
+    config.fewshot, config.fewshot_seeds, config.knn_ks = ("1",), 1, (5,)
+
+    class Killed(Exception):
+        pass
+
+    class Interrupt(Callback):
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            if trainer.current_epoch == 1:
+                raise Killed
+
+    from benchmarks import run as run_module
+
+    original = run_module.run_trainer_arguments
+
+    def with_interrupt(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        arguments = original(*args, **kwargs)
+        arguments["callbacks"].append(Interrupt())
+        return arguments
+
+    run_dir = tmp_path / "run"
+    run_module.run_trainer_arguments = with_interrupt  # type: ignore[assignment]
+    try:
+        with pytest.raises(Killed):
+            run_module.pretrain_and_evaluate(config, "simclr", run_dir, progress=False)
+    finally:
+        run_module.run_trainer_arguments = original  # type: ignore[assignment]
+    assert (run_dir / "simclr" / "checkpoints" / "epoch=000.ckpt").is_file()
+    record = run_module.pretrain_and_evaluate(config, "simclr", run_dir, progress=False)
+    assert record is not None
+    assert record["pretrain"]["resumed"] is True
+    assert record["pretrain"]["steps"] == 4  # 2 epochs of 16 images / 8
+    assert [point["epoch"] for point in record["knn_curve"]] == [0, 1, 2]
 
 
 def test_profiles_load_and_imagenet_follows_the_paper() -> None:
-    quick = BenchmarkConfig.from_dict(load_profile("cpu-quick"))
-    assert (quick.img_size, quick.patch_size, quick.accelerator) == (32, 4, "cpu")
-    imagenet = BenchmarkConfig.from_dict(load_profile("imagenet-vits16"))
+    quick = BenchmarkConfig.from_profile(load_profile("cpu-quick"))
+    assert (quick.img_size, quick.patch_size, quick.trainer["accelerator"]) == (
+        32,
+        4,
+        "cpu",
+    )
+    imagenet = BenchmarkConfig.from_profile(load_profile("imagenet-vits16"))
     assert imagenet.global_batch_size == 1024
     assert (imagenet.img_size, imagenet.patch_size, imagenet.embed_dim) == (
         224,
@@ -340,12 +386,32 @@ def test_profiles_load_and_imagenet_follows_the_paper() -> None:
         384,
     )
     assert (imagenet.local_size, imagenet.num_local_views) == (96, 10)
-    assert imagenet.precision == "bf16-mixed"
+    assert imagenet.trainer["precision"] == "bf16-mixed"
     msn_recipe = imagenet.recipe("msn", load_method("msn").defaults)
     assert msn_recipe["lr_per_256"] * imagenet.global_batch_size / 256 == 1e-3
     assert msn_recipe["mask_ratio"] == 0.15
     with pytest.raises(ValueError, match="no profile 'gpu-fast'.*cpu-quick"):
         load_profile("gpu-fast")
+
+
+@pytest.mark.parametrize("name", ["cpu-quick", "imagenet-vits16"])
+def test_profiles_share_the_pretrain_config_format(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A profile's trainer and data sections are a ``pretrain --config`` file."""
+    from lightly_msn.cli import main as cli_main
+
+    profile = load_profile(name)
+    sections = {k: profile[k] for k in ("seed_everything", "trainer", "data")}
+    path = tmp_path / "sections.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pretrain", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for section in ("trainer", "data"):
+        for key, value in sections[section].items():
+            assert printed[section][key] == value, (section, key)
 
 
 def test_perf_components_ema_table_reports_ratio_and_floors() -> None:

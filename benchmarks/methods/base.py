@@ -17,43 +17,48 @@ methods' papers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from lightly.models.modules import MaskedVisionTransformerTIMM
-from lightly.models.utils import get_weight_decay_parameters
 from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
-from lightning import LightningModule
+from pytorch_lightning import LightningModule, Trainer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torchvision import transforms as T
 
-CIFAR10_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
-IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+from lightly_msn.data import MSNDataModule, default_focal_size, normalization
+from lightly_msn.schedules import weight_decay_groups
+
+SECTIONS = ("seed_everything", "trainer", "data", "vit", "benchmark", "methods")
 
 
 @dataclass
 class BenchmarkConfig:
     """Everything a benchmark run holds constant across methods.
 
+    A profile (``benchmarks/configs/<name>.yaml``) has the sections of ``lightly-msn
+    pretrain``'s configuration, ``trainer`` (``pytorch_lightning.Trainer``
+    arguments) and ``data`` (:class:`~lightly_msn.data.MSNDataModule` arguments:
+    the dataset, view sizes, batch size, loader, training subset), plus:
+
+    - ``vit``: the ViT every method trains (``patch_size``, ``embed_dim``,
+      ``depth``, ``num_heads`` of timm's ``VisionTransformer``);
+    - ``benchmark``: the evaluation and what else the harness holds constant
+      (the fields below);
+    - ``methods``: per-method overrides of recipe values, e.g.
+      ``{"msn": {"lr_per_256": 5e-4}}``.
+
     Attributes:
-        preset: ``"cifar10"`` (32 px, patch 4) or ``"imagefolder"`` (224 px,
-            patch 16); sets the defaults of the image and view sizes.
-        data: ``"cifar10"``, ``"digits"`` or an ImageFolder path with ``train/``
-            and ``test/`` sub-folders (see ``lightly_msn.data.build_dataset``).
-        data_dir: Local root for ``data="cifar10"``.
-        img_size, patch_size: Size of the global / random views and ViT patches.
-        local_size: Size of the local / focal views (multi-crop methods).
-        num_local_views: Number of local / focal views per image.
-        embed_dim, depth, num_heads: The ViT, identical for all methods.
-        epochs, batch_size: Per-device batch size; the global batch is
-            ``batch_size * devices * num_nodes``.
+        trainer: ``Trainer`` arguments (``max_epochs``, ``precision``,
+            ``accelerator``, ``devices``, ``num_nodes``, ``strategy``).
+        data: ``MSNDataModule`` arguments; ``focal_size`` and ``focal_views`` are
+            the local / focal views of every multi-crop method.
+        vit: ``VisionTransformer`` arguments of the shared ViT.
+        seed: Seed of the subsets, the initialisation and the augmentations.
         warmup_epochs: Linear learning-rate warm-up before the cosine decay.
-        train_subset: Images used for pretraining (balanced per class; ``None``:
-            all).
         bank_subset: Labelled images embedded for kNN, few-shot and retrieval
             (``None``: the whole train split).
         test_subset: Test images evaluated (``None``: the whole test split).
@@ -63,30 +68,14 @@ class BenchmarkConfig:
         fewshot: Labelled images per class (``"1"``) or percent of the bank
             (``"1%"``) of the few-shot evaluation.
         fewshot_seeds: Number of few-shot splits per setting.
-        gaussian_blur: Blur probability of the augmentations (0 for 32 px).
-        normalize: Mean and std of the input normalisation.
-        precision, accelerator, devices, num_nodes, strategy: Lightning Trainer
-            settings (``bf16-mixed`` on GPUs; DDP over ``devices`` x ``num_nodes``).
-        num_workers: Data loader workers per device.
-        seed: Seed of the subsets, the initialisation and the augmentations.
-        method_overrides: Per-method keyword overrides of recipe values, e.g.
-            ``{"msn": {"lr_per_256": 5e-4}}``.
+        methods: Per-method keyword overrides of recipe values.
     """
 
-    preset: str = "cifar10"
-    data: str = "cifar10"
-    data_dir: str | None = ".data/cifar10"
-    img_size: int = 32
-    patch_size: int = 4
-    local_size: int = 16
-    num_local_views: int = 4
-    embed_dim: int = 192
-    depth: int = 4
-    num_heads: int = 3
-    epochs: int = 10
-    batch_size: int = 128
-    warmup_epochs: int = 1
-    train_subset: int | None = 5000
+    trainer: dict[str, Any]
+    data: dict[str, Any]
+    vit: dict[str, Any]
+    seed: int = 0
+    warmup_epochs: float = 1
     bank_subset: int | None = 10000
     test_subset: int | None = 2000
     monitor_bank: int = 1000
@@ -94,106 +83,147 @@ class BenchmarkConfig:
     knn_ks: tuple[int, ...] = (20, 200)
     fewshot: tuple[str, ...] = ("1", "2", "5", "1%")
     fewshot_seeds: int = 3
-    gaussian_blur: float = 0.0
-    normalize: dict[str, list[float]] = field(
-        default_factory=lambda: dict(CIFAR10_NORMALIZE)
-    )
-    precision: str = "32-true"
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    num_workers: int = 2
-    seed: int = 0
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(
-                f"BenchmarkConfig: unknown preset {self.preset!r}; choose one of "
-                f"{sorted(PRESETS)}."
-            )
-        for name in ("img_size", "local_size"):
-            size = getattr(self, name)
+        _check_keys("trainer", self.trainer, inspect.signature(Trainer).parameters)
+        _check_keys("data", self.data, inspect.signature(MSNDataModule).parameters)
+        _check_keys("vit", self.vit, inspect.signature(VisionTransformer).parameters)
+        for key in ("max_epochs",):
+            if key not in self.trainer:
+                raise ValueError(f"BenchmarkConfig: trainer.{key} is required.")
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if key not in self.vit:
+                raise ValueError(f"BenchmarkConfig: vit.{key} is required.")
+        # the data module checks the data arguments (no image is read)
+        MSNDataModule(**{**self.data, "dataset": "digits"})
+        for name, size in (
+            ("img_size", self.img_size),
+            ("focal_size", self.local_size),
+        ):
             if size % self.patch_size:
                 raise ValueError(
-                    f"BenchmarkConfig: {name}={size} is not a multiple of "
-                    f"patch_size={self.patch_size}."
+                    f"BenchmarkConfig: data.{name}={size} is not a multiple of "
+                    f"vit.patch_size={self.patch_size}."
                 )
-        if self.embed_dim % self.num_heads:
+        if self.embed_dim % self.vit["num_heads"]:
             raise ValueError(
-                f"BenchmarkConfig: embed_dim={self.embed_dim} is not divisible by "
-                f"num_heads={self.num_heads}."
+                f"BenchmarkConfig: vit.embed_dim={self.embed_dim} is not divisible "
+                f"by vit.num_heads={self.vit['num_heads']}."
             )
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.epochs < 1:
             raise ValueError(
-                f"BenchmarkConfig: epochs ({self.epochs}) and batch_size "
-                f"({self.batch_size}) must be positive."
+                f"BenchmarkConfig: trainer.max_epochs must be >= 1, got {self.epochs}."
             )
         self.knn_ks = tuple(int(k) for k in self.knn_ks)
         self.fewshot = tuple(str(setting) for setting in self.fewshot)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BenchmarkConfig:
-        """Builds a config from a preset's defaults updated with ``values``."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_profile(cls, profile: Mapping[str, Any]) -> BenchmarkConfig:
+        """Builds a config from a profile's sections (see the class docstring)."""
+        unknown = sorted(set(profile) - set(SECTIONS))
         if unknown:
             raise ValueError(
-                f"BenchmarkConfig: unknown keys {unknown}; valid keys are "
-                f"{sorted(known)}."
+                f"BenchmarkConfig: unknown sections {unknown}; a profile has "
+                f"{list(SECTIONS)}."
             )
-        preset = values.get("preset", "cifar10")
-        if preset not in PRESETS:
-            raise ValueError(
-                f"BenchmarkConfig: unknown preset {preset!r}; choose one of "
-                f"{sorted(PRESETS)}."
-            )
-        return cls(**{**PRESETS[preset], **values})
+        benchmark = dict(profile.get("benchmark") or {})
+        known = {f.name for f in fields(cls)} - {"trainer", "data", "vit", "seed"}
+        _check_keys("benchmark", benchmark, known)
+        return cls(
+            trainer=dict(profile.get("trainer") or {}),
+            data=dict(profile.get("data") or {}),
+            vit=dict(profile.get("vit") or {}),
+            seed=int(profile.get("seed_everything", 0)),
+            methods=dict(profile.get("methods") or {}),
+            **{k: v for k, v in benchmark.items() if k != "methods"},
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The profile sections of this config (what ``from_profile`` reads)."""
+        benchmark = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("trainer", "data", "vit", "seed", "methods")
+        }
+        return {
+            "seed_everything": self.seed,
+            "trainer": dict(self.trainer),
+            "data": dict(self.data),
+            "vit": dict(self.vit),
+            "benchmark": benchmark,
+            "methods": dict(self.methods),
+        }
 
     def recipe(self, method: str, defaults: dict[str, Any]) -> dict[str, Any]:
-        """A method's recipe values: ``defaults`` updated by ``method_overrides``."""
-        overrides = self.method_overrides.get(method, {})
+        """A method's recipe values: ``defaults`` updated by ``methods[method]``."""
+        overrides = self.methods.get(method, {})
         unknown = sorted(set(overrides) - set(defaults))
         if unknown:
             raise ValueError(
-                f"method_overrides[{method!r}] has unknown keys {unknown}; valid keys "
-                f"are {sorted(defaults)}."
+                f"methods.{method} has unknown keys {unknown}; valid keys are "
+                f"{sorted(defaults)}."
             )
         return {**defaults, **overrides}
 
+    def datamodule(self, transform: Callable[[Any], Any]) -> MSNDataModule:
+        """The training data of every method, with the method's multi-view transform."""
+        return MSNDataModule(
+            **{**self.data, "subset_seed": self.seed, "transform": transform}
+        )
+
+    # what the methods read, from the sections
+    @property
+    def img_size(self) -> int:
+        return int(self.data.get("img_size", 32))
+
+    @property
+    def local_size(self) -> int:
+        return int(self.data.get("focal_size") or default_focal_size(self.img_size))
+
+    @property
+    def num_local_views(self) -> int:
+        return int(self.data.get("focal_views", 10))
+
+    @property
+    def normalize(self) -> dict[str, list[float]]:
+        return normalization(self.data.get("normalize"), self.img_size)
+
+    @property
+    def gaussian_blur(self) -> float:
+        blur = self.data.get("gaussian_blur")
+        return (0.0 if self.img_size <= 64 else 0.5) if blur is None else float(blur)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.data.get("batch_size", 64))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.trainer["max_epochs"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit["patch_size"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit["embed_dim"])
+
     @property
     def global_batch_size(self) -> int:
-        devices = self.devices if isinstance(self.devices, int) else 1
-        return self.batch_size * devices * self.num_nodes
+        devices = self.trainer.get("devices", 1)
+        devices = devices if isinstance(devices, int) else 1
+        return self.batch_size * devices * int(self.trainer.get("num_nodes", 1))
 
 
-# Defaults per data preset; a profile or the command line overrides them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cifar10": dict(
-        preset="cifar10",
-        img_size=32,
-        patch_size=4,
-        local_size=16,
-        gaussian_blur=0.0,
-        normalize=dict(CIFAR10_NORMALIZE),
-    ),
-    "imagefolder": dict(
-        preset="imagefolder",
-        img_size=224,
-        patch_size=16,
-        local_size=96,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        num_local_views=10,
-        gaussian_blur=0.5,
-        normalize=dict(IMAGENET_NORMALIZE),
-    ),
-}
+def _check_keys(section: str, values: Mapping[str, Any], known: Iterable[str]) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(
+            f"BenchmarkConfig: unknown keys in {section}: {unknown}; valid keys are "
+            f"{sorted(set(known) - {'self', 'args', 'kwargs'})}."
+        )
 
 
 def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
@@ -211,29 +241,12 @@ def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
     """
     vit = VisionTransformer(
         img_size=config.img_size,
-        patch_size=config.patch_size,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
         num_classes=0,
         dynamic_img_size=True,
-        **kwargs,
+        **{**config.vit, **kwargs},
     )
     MaskedVisionTransformerTIMM(vit=vit)  # initialises ``vit`` in place
     return vit
-
-
-def eval_transform(config: BenchmarkConfig) -> Callable[[Any], Tensor]:
-    """Deterministic evaluation transform: resize, centre crop, normalise."""
-    resize = config.img_size if config.img_size <= 64 else config.img_size * 256 // 224
-    return T.Compose(
-        [
-            T.Resize(resize),
-            T.CenterCrop(config.img_size),
-            T.ToTensor(),
-            T.Normalize(**config.normalize),
-        ]
-    )
 
 
 class BenchmarkMethod(LightningModule):
@@ -243,8 +256,8 @@ class BenchmarkMethod(LightningModule):
     implement ``training_step``, ``backbone_features``, ``make_transform`` and
     ``trainable_modules``. The default optimizer is AdamW with the learning rate
     ``lr_per_256 * global_batch_size / 256``, linear warm-up and cosine decay per
-    step, and no weight decay on biases and normalisation parameters (lightly's
-    ``get_weight_decay_parameters``), as in lightly's ViT benchmarks.
+    step, and no weight decay on biases and 1-D (normalisation) parameters (the
+    package's :func:`~lightly_msn.schedules.weight_decay_groups`, as for ``msn``).
     """
 
     name: ClassVar[str]
@@ -256,10 +269,8 @@ class BenchmarkMethod(LightningModule):
         self.recipe = config.recipe(self.name, self.defaults)
 
     @classmethod
-    def from_config(
-        cls, config: BenchmarkConfig, steps_per_epoch: int = 1
-    ) -> BenchmarkMethod:
-        """Builds the method; ``steps_per_epoch`` sizes step-based schedules."""
+    def from_config(cls, config: BenchmarkConfig) -> BenchmarkMethod:
+        """Builds the method for ``config``."""
         return cls(config)
 
     @classmethod
@@ -288,12 +299,10 @@ class BenchmarkMethod(LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = get_weight_decay_parameters(self.trainable_modules())
+        decay, no_decay, _ = weight_decay_groups(self.trainable_modules())
+        decay["weight_decay"] = self.recipe["weight_decay"]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.recipe["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            [decay, no_decay],
             lr=self.lr,
             betas=tuple(self.recipe.get("betas", (0.9, 0.999))),
         )
@@ -309,13 +318,6 @@ class BenchmarkMethod(LightningModule):
     def log_loss(self, loss: Tensor, batch_size: int, **extra: Tensor) -> None:
         values = {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()}}
         self.log_dict(values, prog_bar=True, batch_size=batch_size, sync_dist=True)
-
-
-def set_weight_decay(optimizer: Optimizer, weight_decay: float) -> None:
-    """Sets the weight decay of the parameter groups that have one (a schedule)."""
-    for group in optimizer.param_groups:
-        if group["weight_decay"] != 0.0:
-            group["weight_decay"] = weight_decay
 
 
 def views_of(batch: Any) -> list[Tensor]:

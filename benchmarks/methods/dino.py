@@ -29,9 +29,9 @@ from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
     make_vit,
-    set_weight_decay,
     views_of,
 )
+from lightly_msn.schedules import apply_schedule
 
 
 class DINO(BenchmarkMethod):
@@ -106,9 +106,9 @@ class DINO(BenchmarkMethod):
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         self.student_head.cancel_last_layer_gradients(self.current_epoch)
-        set_weight_decay(
+        apply_schedule(
             optimizer,
-            cosine_schedule(
+            weight_decay=cosine_schedule(
                 step=self.trainer.global_step,
                 max_steps=max(1, int(self.trainer.estimated_stepping_batches)),
                 start_value=float(self.recipe["weight_decay"]),

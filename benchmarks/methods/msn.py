@@ -43,24 +43,21 @@ class MSNMethod(MSNLightningModule):
     )
 
     @classmethod
-    def from_config(
-        cls, config: BenchmarkConfig, steps_per_epoch: int = 1
-    ) -> MSNMethod:
+    def from_config(cls, config: BenchmarkConfig) -> MSNMethod:
         recipe = config.recipe(cls.name, cls.defaults)
         lr = recipe["lr_per_256"] * config.global_batch_size / 256
         method = cls(
-            model=make_vit(config),
+            vit=make_vit(config),
             mask_ratio=recipe["mask_ratio"],
             num_prototypes=recipe["num_prototypes"],
             num_random_views=2,
             lr=lr,
             start_lr=lr * recipe["start_lr_fraction"],
             final_lr=recipe["final_lr"],
-            warmup_steps=steps_per_epoch * config.warmup_epochs,
+            warmup_epochs=config.warmup_epochs,
             weight_decay=recipe["weight_decay"],
             final_weight_decay=recipe["final_weight_decay"],
             momentum=recipe["momentum"],
-            gather_distributed=config.global_batch_size > config.batch_size,
         )
         method.config = config
         method.recipe = recipe

@@ -26,10 +26,8 @@ class PMSNMethod(MSNMethod):
     )
 
     @classmethod
-    def from_config(
-        cls, config: BenchmarkConfig, steps_per_epoch: int = 1
-    ) -> MSNMethod:
-        method = super().from_config(config, steps_per_epoch)
+    def from_config(cls, config: BenchmarkConfig) -> MSNMethod:
+        method = super().from_config(config)
         method.criterion = MSNLoss(
             temperature=method.criterion.temperature,
             sinkhorn_iterations=method.criterion.sinkhorn_iterations,
