@@ -320,6 +320,10 @@ class MSNLoss(nn.Module):
             regularization_weight = me_max_weight
         _check_non_negative(regularization_weight, "regularization_weight")
         _check_non_negative(entropy_weight, "entropy_weight")
+        if not math.isfinite(power_law_exponent):
+            raise ValueError(
+                f"power_law_exponent must be finite but is {power_law_exponent}."
+            )
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError(
                 "gather_distributed is True but torch.distributed is not available. "
