@@ -127,9 +127,14 @@ def sinkhorn(
         The normalised probabilities, shape (batch_size, num_prototypes), rows
         summing to 1. With ``iterations <= 0`` the input is returned unchanged.
 
+    Raises:
+        ValueError: If ``iterations > 0`` and an entry is NaN, infinite or
+            negative (in the log domain such an entry would silently empty its
+            prototype's column instead of propagating).
     """
     if iterations <= 0:
         return probabilities
+    _check_probabilities(probabilities)
     log_probabilities = torch.log(probabilities.float())
     log_normalized = _log_sinkhorn(
         log_probabilities, iterations, gather_distributed, may_have_empty_columns=True
@@ -788,6 +793,27 @@ def _finite_norms(named: dict[str, Tensor]) -> list[Tensor]:
             "overflows float32."
         )
     return [norm.clamp_min_(_NORM_EPS) for norm in norms]
+
+
+def _check_probabilities(probabilities: Tensor) -> None:
+    invalid = ~torch.isfinite(probabilities) | (probabilities < 0)
+    if not bool(invalid.any()):
+        return
+    kinds = [
+        kind
+        for kind, mask in (
+            ("NaN", torch.isnan(probabilities)),
+            ("infinite", torch.isinf(probabilities)),
+            ("negative", probabilities < 0),
+        )
+        if bool(mask.any())
+    ]
+    row, column = (int(i) for i in invalid.nonzero()[0])
+    raise ValueError(
+        f"sinkhorn: probabilities must be finite and >= 0, but {int(invalid.sum())} "
+        f"of {probabilities.numel()} entries are {' or '.join(kinds)} (the first "
+        f"at row {row}, column {column})."
+    )
 
 
 def _check_prior(prior: Tensor) -> None:

@@ -389,6 +389,25 @@ def test_upstream_gradient_scales_and_frozen_inputs_get_none() -> None:
     torch.testing.assert_close(anchors.grad, grad_anchors)
 
 
+def test_sinkhorn_rejects_nan_inf_and_negative_entries() -> None:
+    probabilities = torch.softmax(
+        torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    with_nan = probabilities.clone()
+    with_nan[2, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"1 of 24 entries are NaN \(the first at row 2, column 1\)"
+    ):
+        sinkhorn(with_nan)
+    with_bad = probabilities.clone()
+    with_bad[0, 3] = float("inf")
+    with_bad[4, 0] = -0.5
+    with pytest.raises(ValueError, match="2 of 24 entries are infinite or negative"):
+        sinkhorn(with_bad)
+    # no iterations: returned unchanged, as lightly's
+    assert sinkhorn(with_nan, iterations=0) is with_nan
+
+
 # ------------------------------------------------- the regularization_loss hook
 
 
