@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "prototype_probabilities": "lightly_msn.loss",
     "sharpen": "lightly_msn.loss",
     "sinkhorn": "lightly_msn.loss",
+    "PMSNLoss": "lightly_msn.pmsn_loss",
+    "PMSNCustomLoss": "lightly_msn.pmsn_loss",
     "MSNProjectionHead": "lightly_msn.heads",
     "MSNPrototypes": "lightly_msn.heads",
     "random_token_mask": "lightly_msn.masking",
@@ -53,6 +55,8 @@ __all__ = [
     "prototype_probabilities",
     "sharpen",
     "sinkhorn",
+    "PMSNLoss",
+    "PMSNCustomLoss",
     "MSNProjectionHead",
     "MSNPrototypes",
     "random_token_mask",
@@ -83,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from lightly_msn.masking import focal_token_mask, random_token_mask
     from lightly_msn.model import MSN, load_backbone
+    from lightly_msn.pmsn_loss import PMSNCustomLoss, PMSNLoss
     from lightly_msn.schedules import (
         CosineSchedule,
         LinearSchedule,

@@ -126,9 +126,15 @@ def sinkhorn(
     Returns:
         The normalised probabilities, shape (batch_size, num_prototypes), rows
         summing to 1. With ``iterations <= 0`` the input is returned unchanged.
+
+    Raises:
+        ValueError: If ``iterations > 0`` and an entry is NaN, infinite or
+            negative (in the log domain such an entry would silently empty its
+            prototype's column instead of propagating).
     """
     if iterations <= 0:
         return probabilities
+    _check_probabilities(probabilities)
     log_probabilities = torch.log(probabilities.float())
     log_normalized = _log_sinkhorn(
         log_probabilities, iterations, gather_distributed, may_have_empty_columns=True
@@ -176,8 +182,10 @@ class MSNLossOutput:
         cross_entropy:
             Mean cross-entropy between targets and anchor predictions.
         regularization:
-            ``KL(mean anchor prediction || prior)``; for the uniform prior this is
-            the ME-MAX term ``log K - H(mean prediction)``.
+            Value of :meth:`MSNLoss.regularization_loss` on the mean anchor
+            prediction: by default ``KL(mean anchor prediction || prior)``, for the
+            uniform prior the ME-MAX term ``log K - H(mean prediction)``. 0 when
+            ``regularization_weight`` is 0, as the hook is then not called.
         entropy:
             Mean entropy of the individual anchor predictions; only computed
             (otherwise 0) when ``entropy_weight > 0``, as it costs a pass over
@@ -224,9 +232,12 @@ class MSNLoss(nn.Module):
     - supports the official per-sample entropy term (``entropy_weight``) and PMSN
       priors [2] (``target_distribution``): the regulariser is ``KL(mean
       prediction || prior)``, which for the uniform prior is the ME-MAX term
-      (lightly's ``PMSNLoss`` computes the reverse ``KL(prior || mean
-      prediction)``, which does not reduce to ME-MAX);
+      (lightly's ``PMSNLoss``, also in :mod:`lightly_msn.pmsn_loss`, computes the
+      reverse ``KL(prior || mean prediction)``, which does not reduce to ME-MAX);
     - returns diagnostics for collapse monitoring from :meth:`compute`.
+
+    As in lightly, subclasses change the regulariser by overriding
+    :meth:`regularization_loss`; its result is differentiated by autograd.
 
     - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
     - [1]: https://github.com/facebookresearch/msn
@@ -314,6 +325,10 @@ class MSNLoss(nn.Module):
             regularization_weight = me_max_weight
         _check_non_negative(regularization_weight, "regularization_weight")
         _check_non_negative(entropy_weight, "entropy_weight")
+        if not math.isfinite(power_law_exponent):
+            raise ValueError(
+                f"power_law_exponent must be finite but is {power_law_exponent}."
+            )
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError(
                 "gather_distributed is True but torch.distributed is not available. "
@@ -326,16 +341,18 @@ class MSNLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.entropy_weight = entropy_weight
         self.power_law_exponent = power_law_exponent
-        self.target_distribution: Literal["uniform", "power_law", "tensor"]
+        # not named target_distribution: lightly's PMSNCustomLoss, a subclass, uses
+        # that attribute for its callable
+        self.prior_kind: Literal["uniform", "power_law", "tensor"]
         self.target_prior: Tensor | None
         if isinstance(target_distribution, Tensor):
             _check_prior(target_distribution)
-            self.target_distribution = "tensor"
+            self.prior_kind = "tensor"
             self.register_buffer(
                 "target_prior", target_distribution.detach().float(), persistent=False
             )
         elif target_distribution in ("uniform", "power_law"):
-            self.target_distribution = target_distribution
+            self.prior_kind = target_distribution
             self.target_prior = None
         else:
             raise ValueError(
@@ -405,30 +422,70 @@ class MSNLoss(nn.Module):
                 targets / target_norms, unit_prototypes, target_sharpen_temperature
             )
             target_probabilities = log_targets.exp()
-            log_prior = self._log_prior(prototypes.shape[0], prototypes.device)
-            loss, cross_entropy, regularization, entropy, mean_prediction = (
-                _AnchorLoss.apply(
-                    anchors,
-                    anchor_norms,
-                    prototypes,
-                    unit_prototypes,
-                    prototype_norms,
-                    target_probabilities,
-                    log_prior,
-                    1.0 / self.temperature,
-                    self.regularization_weight,
-                    self.entropy_weight,
-                    self.gather_distributed,
-                )
+            anchor_loss, cross_entropy, entropy, mean_prediction = _AnchorLoss.apply(
+                anchors,
+                anchor_norms,
+                prototypes,
+                unit_prototypes,
+                prototype_norms,
+                target_probabilities,
+                1.0 / self.temperature,
+                self.entropy_weight,
+                self.gather_distributed,
             )
+            loss = anchor_loss
+            regularization = anchor_loss.new_zeros(())
+            if self.regularization_weight > 0:
+                regularization = self.regularization_loss(mean_prediction)
+                if regularization.dim() != 0:
+                    raise ValueError(
+                        f"{type(self).__name__}.regularization_loss must return a "
+                        f"scalar but returned shape {tuple(regularization.shape)}."
+                    )
+                loss = anchor_loss + self.regularization_weight * regularization
+            mean_prediction = mean_prediction.detach()
             return MSNLossOutput(
                 loss=loss,
                 cross_entropy=cross_entropy,
-                regularization=regularization,
+                regularization=regularization.detach(),
                 entropy=entropy,
                 me_max_entropy=-torch.xlogy(mean_prediction, mean_prediction).sum(),
                 **_target_diagnostics(log_targets, target_probabilities),
             )
+
+    def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+        """The regulariser ``KL(mean anchor prediction || prior)`` of [0] and [2].
+
+        For the uniform prior this is ``log K - H(mean_anchor_probs)``: the mean
+        entropy maximisation (ME-MAX) term of [0], Sec. 3, up to the constant
+        ``log K`` that lightly and the official code add as well.
+
+        Override it to use another regulariser, as lightly's ``PMSNLoss`` does:
+        :meth:`compute` calls it once per batch, only when
+        ``regularization_weight > 0``, and scales its result by that weight;
+        gradients flow through it by ordinary autograd.
+
+        - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+        - [2]: The Hidden Uniform Cluster Prior in Self-Supervised Learning (PMSN),
+          2022, https://arxiv.org/abs/2210.07277
+
+        Args:
+            mean_anchor_probs:
+                Mean anchor prediction, float32 tensor with shape
+                (num_prototypes,), averaged over the anchors of all ranks when
+                ``gather_distributed=True``.
+
+        Returns:
+            The scalar regularisation loss.
+        """
+        log_prior = self._log_prior(
+            mean_anchor_probs.shape[0], mean_anchor_probs.device
+        )
+        # prototypes without mass contribute 0 * (finite): the clamp keeps the log
+        # and its gradient finite there
+        tiny = torch.finfo(mean_anchor_probs.dtype).tiny
+        log_mean = mean_anchor_probs.clamp_min(tiny).log()
+        return torch.sum(mean_anchor_probs * (log_mean - log_prior))
 
     def _log_target_probabilities(
         self, targets: Tensor, prototypes: Tensor, sharpen_temperature: float
@@ -441,11 +498,11 @@ class MSNLoss(nn.Module):
         )
 
     def _log_prior(self, num_prototypes: int, device: torch.device) -> Tensor:
-        if self.target_distribution == "uniform":
+        if self.prior_kind == "uniform":
             return torch.full(
                 (num_prototypes,), -math.log(num_prototypes), device=device
             )
-        if self.target_distribution == "power_law":
+        if self.prior_kind == "power_law":
             prior = power_law_distribution(
                 num_prototypes, self.power_law_exponent, device=device
             )
@@ -462,6 +519,10 @@ class MSNLoss(nn.Module):
 class _AnchorLoss(torch.autograd.Function):
     """Anchor part of the loss, L2 normalisation included, with a hand-written backward.
 
+    Returns the cross-entropy plus the weighted entropy term (differentiable), the
+    two terms (diagnostics) and the mean anchor prediction (differentiable), on
+    which :meth:`MSNLoss.regularization_loss` is evaluated by ordinary autograd.
+
     Autograd would keep several N x K intermediates (log-probabilities,
     probabilities, their gradients) and run a graph of small kernels for the
     normalisation; this keeps only the anchor probabilities ``P`` (N x K) and
@@ -473,17 +534,21 @@ class _AnchorLoss(torch.autograd.Function):
     probability is ``exp(0) / sum``, so this is as exact as a log-softmax without
     materialising it). The cross-entropy ``-1/N sum_n <t_n, Z_n - lse_n>`` sums
     the views before the product with the prototypes:
-    ``sum_n <t_n, Z_n> = <sum_views a, t q> / tau``, an O(B K D) product.
+    ``sum_n <t_n, Z_n> = <sum_views a, t q> / tau``, an O(B K D) product. The mean
+    prediction is ``m = 1/N sum_n P_n``, averaged over ranks if requested.
 
-    Backward. With ``s_n`` the target mass of row ``n`` (1 up to rounding),
-    ``g = log(mean P) - log(prior)`` and ``h_n`` the entropy of row ``n``::
+    Backward. With ``c`` the gradient of the first output, ``g`` that of ``m``,
+    ``s_n`` the target mass of row ``n`` (1 up to rounding) and ``h_n`` the
+    entropy of row ``n``::
 
-        N tau dL/dS_n = P_n (s_n + lambda (g - <P_n, g>))   # cross-entropy, KL
-                        - t_n                                # cross-entropy
-                        - epsilon (P_n log P_n + h_n P_n)    # entropy
+        N tau dL/dS_n = c (P_n s_n - t_n)                      # cross-entropy
+                        + P_n (g - <P_n, g>)                   # mean prediction
+                        - c epsilon (P_n log P_n + h_n P_n)    # entropy
 
     then ``dL/da = dL/dS q``, ``dL/dq = dL/dS^T a`` and, for ``x`` normalised to
-    ``y = x / ||x||``, ``dL/dx = (dL/dy - y <y, dL/dy>) / ||x||``.
+    ``y = x / ||x||``, ``dL/dx = (dL/dy - y <y, dL/dy>) / ||x||``. The gradient
+    of ``m`` is taken through the all-reduce as the identity (see
+    :func:`lightly_msn.distributed.all_reduce_mean`).
     """
 
     @staticmethod
@@ -495,26 +560,23 @@ class _AnchorLoss(torch.autograd.Function):
         unit_prototypes: Tensor,
         prototype_norms: Tensor,
         targets: Tensor,
-        log_prior: Tensor,
         inverse_temperature: float,
-        regularization_weight: float,
         entropy_weight: float,
         gather_distributed: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         num_anchors, dim = anchors.shape
         batch_size = targets.shape[0]
         num_views = num_anchors // batch_size
         # prototypes only route the gradient: the caller normalised them already
         unit_anchors = anchors / anchor_norms
         logits = torch.mm(unit_anchors, (unit_prototypes * inverse_temperature).T)
-        row_max = logits.amax(dim=1)  # values only: 18x faster than max(dim=1)
+        row_max = logits.amax(dim=1)  # values only, no indices: cheaper than max()
         row_entropy = torch.zeros(0, device=anchors.device)
         if entropy_weight > 0:
             log_probabilities = torch.log_softmax(logits, dim=1)
             row_entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1)
             del log_probabilities
-        # in place: on CPU a fresh N x K buffer costs page faults that took as long
-        # as the softmax itself
+        # in place: on CPU a fresh N x K buffer costs page faults
         probabilities = torch.softmax(logits, dim=1, out=logits)
         # exp is monotonic: the largest probability, exp(0) / sum, sits at the
         # largest logit (a vectorised amax is cheaper than max with indices + gather)
@@ -533,19 +595,10 @@ class _AnchorLoss(torch.autograd.Function):
         mean_prediction = distributed.all_reduce_mean(
             probabilities.mean(dim=0), gather_distributed
         )
-        regularization = torch.xlogy(
-            mean_prediction, mean_prediction
-        ).sum() - torch.dot(mean_prediction, log_prior)
         entropy = (
-            row_entropy.mean() if entropy_weight > 0 else regularization.new_zeros(())
+            row_entropy.mean() if entropy_weight > 0 else cross_entropy.new_zeros(())
         )
-        loss = (
-            cross_entropy
-            + regularization_weight * regularization
-            + entropy_weight * entropy
-        )
-        # zero-mass prototypes: P is 0 there, the clamp only avoids 0 * -inf
-        log_ratio = mean_prediction.clamp_min(torch.finfo(torch.float32).tiny).log()
+        loss = cross_entropy + entropy_weight * entropy
         ctx.save_for_backward(
             unit_anchors,
             anchor_norms,
@@ -554,20 +607,23 @@ class _AnchorLoss(torch.autograd.Function):
             targets,
             target_mass,
             probabilities,
-            log_ratio - log_prior,
             row_entropy,
         )
         ctx.inverse_temperature = inverse_temperature
-        ctx.regularization_weight = regularization_weight
         ctx.entropy_weight = entropy_weight
-        ctx.mark_non_differentiable(
-            cross_entropy, regularization, entropy, mean_prediction
-        )
-        return loss, cross_entropy, regularization, entropy, mean_prediction
+        ctx.mark_non_differentiable(cross_entropy, entropy)
+        # an unused output (the mean when the regulariser is off) gets None, not a
+        # tensor of zeros
+        ctx.set_materialize_grads(False)
+        return loss, cross_entropy, entropy, mean_prediction
 
     @staticmethod
     def backward(
-        ctx: Any, grad_loss: Tensor, *unused_grads: Any
+        ctx: Any,
+        grad_loss: Tensor | None,
+        grad_cross_entropy: Tensor | None,
+        grad_entropy: Tensor | None,
+        grad_mean: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         (
             unit_anchors,
@@ -577,30 +633,37 @@ class _AnchorLoss(torch.autograd.Function):
             targets,
             target_mass,
             probabilities,
-            log_ratio,
             row_entropy,
         ) = ctx.saved_tensors
         num_anchors = unit_anchors.shape[0]
         batch_size, num_prototypes = targets.shape
         num_views = num_anchors // batch_size
-        scale = grad_loss * ctx.inverse_temperature / num_anchors
-        weight = ctx.regularization_weight
-        row_offset = weight * (probabilities @ log_ratio) - target_mass.repeat(
-            num_views
+        scale = ctx.inverse_temperature / num_anchors
+        loss_scale = (
+            grad_loss * scale if grad_loss is not None else targets.new_zeros(())
+        )
+        mean_scale = (
+            grad_mean * scale
+            if grad_mean is not None
+            else targets.new_zeros(num_prototypes)
+        )
+        # the P_n-proportional part, per row: c s_n - <P_n, g> - c epsilon h_n
+        row_offset = loss_scale * target_mass.repeat(num_views) - (
+            probabilities @ mean_scale
         )
         if ctx.entropy_weight > 0:
-            row_offset = row_offset + ctx.entropy_weight * row_entropy
-        # grad = P * (scale lambda g) - scale t, then P * (-scale row_offset):
-        # two passes over N x K, the targets broadcast over the views
+            row_offset = row_offset - (ctx.entropy_weight * loss_scale) * row_entropy
+        # grad = P * g - c t, then + P * row_offset: two passes over N x K, the
+        # targets broadcast over the views
         grad_similarity = torch.addcmul(
-            (-scale * targets).expand(num_views, batch_size, num_prototypes),
+            (-loss_scale * targets).expand(num_views, batch_size, num_prototypes),
             probabilities.view(num_views, batch_size, num_prototypes),
-            (weight * scale) * log_ratio,
+            mean_scale,
         ).view(num_anchors, num_prototypes)
-        grad_similarity.addcmul_(probabilities, (-scale * row_offset)[:, None])
+        grad_similarity.addcmul_(probabilities, row_offset[:, None])
         if ctx.entropy_weight > 0:
             entropy_grad = torch.xlogy(probabilities, probabilities)
-            grad_similarity.sub_(entropy_grad.mul_(ctx.entropy_weight * scale))
+            grad_similarity.sub_(entropy_grad.mul_(ctx.entropy_weight * loss_scale))
         grad_anchors = grad_prototypes = None
         if ctx.needs_input_grad[0]:
             grad_anchors = _normalization_backward(
@@ -612,7 +675,7 @@ class _AnchorLoss(torch.autograd.Function):
                 unit_prototypes,
                 prototype_norms,
             )
-        return (grad_anchors, None, grad_prototypes) + (None,) * 8
+        return (grad_anchors, None, grad_prototypes) + (None,) * 6
 
 
 def _normalization_backward(grad_unit: Tensor, unit: Tensor, norms: Tensor) -> Tensor:
@@ -730,6 +793,27 @@ def _finite_norms(named: dict[str, Tensor]) -> list[Tensor]:
             "overflows float32."
         )
     return [norm.clamp_min_(_NORM_EPS) for norm in norms]
+
+
+def _check_probabilities(probabilities: Tensor) -> None:
+    invalid = ~torch.isfinite(probabilities) | (probabilities < 0)
+    if not bool(invalid.any()):
+        return
+    kinds = [
+        kind
+        for kind, mask in (
+            ("NaN", torch.isnan(probabilities)),
+            ("infinite", torch.isinf(probabilities)),
+            ("negative", probabilities < 0),
+        )
+        if bool(mask.any())
+    ]
+    row, column = (int(i) for i in invalid.nonzero()[0])
+    raise ValueError(
+        f"sinkhorn: probabilities must be finite and >= 0, but {int(invalid.sum())} "
+        f"of {probabilities.numel()} entries are {' or '.join(kinds)} (the first "
+        f"at row {row}, column {column})."
+    )
 
 
 def _check_prior(prior: Tensor) -> None:

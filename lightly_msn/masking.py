@@ -45,14 +45,15 @@ def random_token_mask(
     official ``patch_drop`` [0]. Unlike lightly, the count is immune to float
     rounding (``floor`` of 0.9999999 is 1 here) and ``idx_keep`` is sorted
     ascending, which makes no difference to a ViT (positions are embedded before
-    tokens are dropped) but gathers memory in order.
+    tokens are dropped) but gathers memory in order. As in lightly, a ratio of 1
+    (or one that leaves less than one token) masks every candidate token.
 
     Args:
         size:
             ``(batch_size, sequence_length)`` where ``sequence_length`` counts the
             class token: ``num_patches + 1``.
         mask_ratio:
-            Fraction of the patch tokens to mask, in [0, 1).
+            Fraction of the patch tokens to mask, in [0, 1].
         mask_class_token:
             If False the class token is never masked. If True the class token is
             treated like a patch and the ratio applies to all tokens.
@@ -65,13 +66,13 @@ def random_token_mask(
         together is a permutation of ``range(sequence_length)``.
 
     Raises:
-        ValueError: For a ratio outside [0, 1), a negative batch size or a
+        ValueError: For a ratio outside [0, 1], a negative batch size or a
             sequence too short to hold a class token and a patch.
     """
     batch_size, sequence_length = size
-    if not 0.0 <= mask_ratio < 1.0:
+    if not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(
-            f"random_token_mask: mask_ratio must be in [0, 1), got {mask_ratio}."
+            f"random_token_mask: mask_ratio must be in [0, 1], got {mask_ratio}."
         )
     if batch_size < 0:
         raise ValueError(
@@ -84,7 +85,7 @@ def random_token_mask(
             f"random_token_mask: sequence_length={sequence_length} leaves no patch "
             "token to mask; it must count the class token (num_patches + 1)."
         )
-    num_keep = max(1, math.floor(num_candidates * (1.0 - mask_ratio) + _FLOOR_EPSILON))
+    num_keep = math.floor(num_candidates * (1.0 - mask_ratio) + _FLOOR_EPSILON)
 
     noise = torch.rand(batch_size, num_candidates, device=device)
     order = noise.argsort(dim=1) + num_prefix

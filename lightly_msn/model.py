@@ -365,10 +365,19 @@ class MSN(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """EMA update of the target encoder and head: ``t = m * t + (1 - m) * a``."""
-        update_momentum(self.anchor_backbone, self.target_backbone, momentum)
+        """EMA update of the target encoder and head: ``t = m * t + (1 - m) * a``.
+
+        Buffers included: the target head's BatchNorm statistics get the same
+        moving average (integer counters are copied), see :func:`update_momentum`.
+        """
         update_momentum(
-            self.anchor_projection_head, self.target_projection_head, momentum
+            self.anchor_backbone, self.target_backbone, momentum, update_buffers=True
+        )
+        update_momentum(
+            self.anchor_projection_head,
+            self.target_projection_head,
+            momentum,
+            update_buffers=True,
         )
 
     def anchor_parameters(self) -> Iterator[nn.Parameter]:

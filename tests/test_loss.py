@@ -387,3 +387,155 @@ def test_upstream_gradient_scales_and_frozen_inputs_get_none() -> None:
     frozen = prototypes.detach()
     loss_fn(anchors, targets, frozen).backward()
     torch.testing.assert_close(anchors.grad, grad_anchors)
+
+
+def test_sinkhorn_rejects_nan_inf_and_negative_entries() -> None:
+    probabilities = torch.softmax(
+        torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    with_nan = probabilities.clone()
+    with_nan[2, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"1 of 24 entries are NaN \(the first at row 2, column 1\)"
+    ):
+        sinkhorn(with_nan)
+    with_bad = probabilities.clone()
+    with_bad[0, 3] = float("inf")
+    with_bad[4, 0] = -0.5
+    with pytest.raises(ValueError, match="2 of 24 entries are infinite or negative"):
+        sinkhorn(with_bad)
+    # no iterations: returned unchanged, as lightly's
+    assert sinkhorn(with_nan, iterations=0) is with_nan
+
+
+# ------------------------------------------------- the regularization_loss hook
+
+
+def ramp_regularizer(mean_anchor_probs: Tensor) -> Tensor:
+    """A regulariser unlike the default KL, so an ignored override shows."""
+    size = mean_anchor_probs.shape[0]
+    ramp = torch.linspace(1.0, 3.0, size, dtype=mean_anchor_probs.dtype)
+    return 40.0 * (mean_anchor_probs - ramp / ramp.sum()).square().sum()
+
+
+class RampMSNLoss(MSNLoss):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[Tensor] = []
+
+    def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+        self.seen.append(mean_anchor_probs.detach().clone())
+        return ramp_regularizer(mean_anchor_probs)
+
+
+class LightlyRampMSNLoss(LightlyMSNLoss):
+    def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+        return ramp_regularizer(mean_anchor_probs)
+
+
+@pytest.mark.parametrize(
+    "views, temperature, regularization_weight", [(1, 0.1, 1.0), (4, 0.2, 2.5)]
+)
+def test_overridden_regularization_loss_is_used_with_its_gradient(
+    views: int, temperature: float, regularization_weight: float
+) -> None:
+    anchors, targets, prototypes = random_inputs(10, views, 24, 8, seed=7)
+    kwargs = dict(temperature=temperature, regularization_weight=regularization_weight)
+    loss_fn = RampMSNLoss(**kwargs)
+    actual = loss_and_grads(loss_fn, anchors, targets, prototypes)
+    # lightly's formula, differentiated by plain autograd, with the same hook
+    expected = loss_and_grads(
+        LightlyRampMSNLoss(**kwargs), anchors, targets, prototypes
+    )
+    for ours, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+    # the hook saw the mean anchor prediction, computed independently here
+    predictions = torch.softmax(
+        F.normalize(anchors.detach(), dim=1)
+        @ F.normalize(prototypes.detach(), dim=1).T
+        / temperature,
+        dim=1,
+    )
+    assert loss_fn.seen[0].dtype == torch.float32
+    torch.testing.assert_close(loss_fn.seen[0], predictions.mean(dim=0))
+    output = loss_fn.compute(anchors, targets, prototypes)
+    torch.testing.assert_close(
+        output.regularization, ramp_regularizer(predictions.mean(dim=0))
+    )
+    torch.testing.assert_close(
+        output.loss,
+        output.cross_entropy + regularization_weight * output.regularization,
+    )
+    # and it is not the default regulariser
+    default = MSNLoss(**kwargs)(anchors, targets, prototypes)
+    assert abs(default.item() - actual[0].item()) > 1e-2
+
+
+def test_overridden_hook_combines_with_entropy_term() -> None:
+    anchors, targets, prototypes = random_inputs(6, 3, 16, 8, seed=8)
+
+    def reference(a: Tensor, t: Tensor, p: Tensor) -> Tensor:
+        # float64 MSN loss without regulariser, plus the hook on its mean prediction
+        base = paper_loss_float64(
+            a, t, p, regularization_weight=0.0, entropy_weight=0.4
+        )
+        predictions = torch.softmax(
+            F.normalize(a.double(), dim=1) @ F.normalize(p.double(), dim=1).T / 0.1,
+            dim=1,
+        )
+        return base + 0.7 * ramp_regularizer(predictions.mean(dim=0))
+
+    expected = loss_and_grads(reference, anchors, targets, prototypes)
+    actual = loss_and_grads(
+        RampMSNLoss(regularization_weight=0.7, entropy_weight=0.4),
+        anchors,
+        targets,
+        prototypes,
+    )
+    for ours, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_regularization_weight_does_not_call_the_hook() -> None:
+    class FailingHook(MSNLoss):
+        def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+            raise AssertionError("the hook must not be called")
+
+    anchors, targets, prototypes = random_inputs(8, 2, 16, 8)
+    loss_fn = FailingHook(regularization_weight=0.0)
+    output = loss_fn.compute(anchors, targets, prototypes)
+    assert output.regularization.item() == 0.0
+    expected = loss_and_grads(
+        LightlyMSNLoss(regularization_weight=0.0), anchors, targets, prototypes
+    )
+    actual = loss_and_grads(loss_fn, anchors, targets, prototypes)
+    for ours, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_hook_must_return_a_scalar() -> None:
+    class VectorHook(MSNLoss):
+        def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+            return mean_anchor_probs
+
+    with pytest.raises(
+        ValueError, match=r"VectorHook.regularization_loss must return a scalar"
+    ):
+        VectorHook()(*random_inputs(4, 2, 6, 4))
+
+
+def test_default_hook_is_kl_to_the_prior_with_finite_gradient_at_zero() -> None:
+    mean = torch.tensor([0.0, 0.25, 0.75], requires_grad=True)
+    value = MSNLoss().regularization_loss(mean)
+    expected = 0.25 * math.log(0.25 * 3) + 0.75 * math.log(0.75 * 3)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    (gradient,) = torch.autograd.grad(value, mean)
+    assert torch.isfinite(gradient).all()
+    # d/dm_k m_k log(m_k K) = log(m_k K) + 1 where m_k > 0
+    torch.testing.assert_close(
+        gradient[1:], torch.tensor([math.log(0.75) + 1, math.log(2.25) + 1])
+    )
+    # lightly's hook on the same input: the same value (its gradient is NaN at 0)
+    lightly_value = LightlyMSNLoss().regularization_loss(mean.detach())
+    assert lightly_value.item() == pytest.approx(expected, rel=1e-6)

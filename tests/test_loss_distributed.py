@@ -11,6 +11,7 @@ from lightly.loss import MSNLoss as LightlyMSNLoss
 from torch import Tensor
 
 from lightly_msn.loss import MSNLoss, sinkhorn
+from lightly_msn.pmsn_loss import PMSNLoss
 
 WORLD_SIZE = 2
 VIEWS = 3
@@ -52,6 +53,13 @@ def worker(
         lightly_loss = LightlyMSNLoss(gather_distributed=True)(
             local_anchors.detach(), local_targets, prototypes.detach()
         )
+        # an overridden regularization_loss hook on the all-reduced mean prediction
+        pmsn_anchors = local_anchors.detach().clone().requires_grad_()
+        pmsn_prototypes = prototypes.detach().clone().requires_grad_()
+        pmsn_loss = PMSNLoss(gather_distributed=True)(
+            pmsn_anchors, local_targets, pmsn_prototypes
+        )
+        pmsn_loss.backward()
         per_rank = BATCH_SIZE // WORLD_SIZE
         local_probabilities = probabilities[rank * per_rank : (rank + 1) * per_rank]
         torch.save(
@@ -60,6 +68,9 @@ def worker(
                 "grad_anchors": local_anchors.grad,
                 "grad_prototypes": prototypes.grad,
                 "lightly_loss": lightly_loss,
+                "pmsn_loss": pmsn_loss.detach(),
+                "pmsn_grad_anchors": pmsn_anchors.grad,
+                "pmsn_grad_prototypes": pmsn_prototypes.grad,
                 "sinkhorn": sinkhorn(local_probabilities, gather_distributed=True),
             },
             Path(out_dir) / f"rank{rank}.pt",
@@ -134,3 +145,21 @@ def test_sinkhorn_normalises_over_the_global_batch(two_rank_run: dict) -> None:
     probabilities = two_rank_run["inputs"][3]
     gathered = torch.cat([r["sinkhorn"] for r in two_rank_run["ranks"]])
     torch.testing.assert_close(gathered, sinkhorn(probabilities))
+
+
+def test_overridden_hook_sees_the_global_mean_prediction(two_rank_run: dict) -> None:
+    anchors, targets, prototypes, _ = two_rank_run["inputs"]
+    ranks = two_rank_run["ranks"]
+    anchors = anchors.clone().requires_grad_()
+    prototypes = prototypes.clone().requires_grad_()
+    loss = PMSNLoss()(anchors, targets, prototypes)
+    loss.backward()
+    assert anchors.grad is not None and prototypes.grad is not None
+
+    mean_loss = torch.stack([r["pmsn_loss"] for r in ranks]).mean()
+    torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    ddp_grad_prototypes = sum(r["pmsn_grad_prototypes"] for r in ranks) / WORLD_SIZE
+    torch.testing.assert_close(ddp_grad_prototypes, prototypes.grad)
+    for rank, result in enumerate(ranks):
+        expected, _ = rank_slice(anchors.grad, targets, rank)
+        torch.testing.assert_close(result["pmsn_grad_anchors"] / WORLD_SIZE, expected)

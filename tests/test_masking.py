@@ -74,9 +74,34 @@ def test_random_token_mask_is_per_sample_and_can_mask_class_token() -> None:
     assert (idx_mask == 0).any()
 
 
+@pytest.mark.parametrize(
+    ("sequence_length", "ratio", "mask_class_token"),
+    [(17, 1.0, False), (17, 1.0, True), (5, 0.9, False), (5, 0.9, True)],
+)
+def test_random_token_mask_can_mask_every_token_like_lightly(
+    sequence_length: int, ratio: float, mask_class_token: bool
+) -> None:
+    # 4 or 5 candidate tokens at 0.9 leave 0.4 or 0.5: no token is kept, as in lightly
+    torch.manual_seed(0)
+    idx_keep, idx_mask = random_token_mask(
+        (3, sequence_length), ratio, mask_class_token=mask_class_token
+    )
+    theirs_keep, theirs_mask = lightly_random_token_mask(
+        (3, sequence_length), ratio, mask_class_token=mask_class_token
+    )
+    assert idx_keep.shape == theirs_keep.shape
+    assert idx_mask.shape == theirs_mask.shape
+    if mask_class_token:
+        assert idx_keep.shape == (3, 0)
+    else:
+        assert torch.equal(idx_keep, torch.zeros(3, 1, dtype=torch.long))
+
+
 def test_random_token_mask_errors() -> None:
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\), got 1.0"):
-        random_token_mask((2, 17), mask_ratio=1.0)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\], got 1.5"):
+        random_token_mask((2, 17), mask_ratio=1.5)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\], got -0.1"):
+        random_token_mask((2, 17), mask_ratio=-0.1)
     with pytest.raises(ValueError, match="must count the class token"):
         random_token_mask((2, 1), mask_ratio=0.5)
 

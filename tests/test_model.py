@@ -233,3 +233,26 @@ def test_bad_model_arguments_raise_clear_errors() -> None:
         MSN(tiny_vit(), **TINY_HEAD).forward_anchors([torch.randn(2, 3, 18, 18)])
     with pytest.raises(ValueError, match="num_random_views=3"):
         MSN(tiny_vit(), **TINY_HEAD)(tiny_views()[:2], num_random_views=3)
+
+
+def test_update_target_averages_the_heads_batchnorm_statistics() -> None:
+    # MSN opts into update_momentum's buffer averaging (lightly's default is off)
+    torch.manual_seed(0)
+    model = MSN(tiny_vit(), mask_ratio=0.25, **TINY_HEAD)
+    model.train()
+    model(tiny_views(batch_size=4), num_random_views=2)  # moves the anchor stats
+    anchor_norms = [
+        m for m in model.anchor_projection_head.modules() if hasattr(m, "running_mean")
+    ]
+    target_norms = [
+        m for m in model.target_projection_head.modules() if hasattr(m, "running_mean")
+    ]
+    assert anchor_norms and len(anchor_norms) == len(target_norms)
+    before = [norm.running_mean.clone() for norm in target_norms]
+    model.update_target(0.75)
+    for anchor, target, old in zip(anchor_norms, target_norms, before, strict=True):
+        assert not torch.equal(anchor.running_mean, old)
+        torch.testing.assert_close(
+            target.running_mean, 0.75 * old + 0.25 * anchor.running_mean
+        )
+        assert target.num_batches_tracked == anchor.num_batches_tracked
