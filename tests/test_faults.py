@@ -31,3 +31,21 @@ def test_msn_transforms_reject_float_images_outside_0_1(transform_name: str) -> 
     transform(pixels / 255)  # accepted: float in [0, 1]
     transform(pixels.to(torch.uint8))  # accepted: uint8
     transform(Image.fromarray(pixels.permute(1, 2, 0).numpy().astype(np.uint8)))
+
+
+# --- evaluation protocols ------------------------------------------------------------
+
+
+def test_retrieval_without_any_query_class_in_the_bank_is_a_clear_error() -> None:
+    from lightly_msn.eval.retrieval import retrieval_metrics
+
+    queries = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"query classes \[5, 6\].*bank classes"):
+        retrieval_metrics(
+            queries,
+            torch.tensor([5, 5, 6, 6]),
+            torch.randn(3, 3),
+            torch.tensor([0, 1, 1]),
+        )
+    with pytest.raises(ValueError, match="one query each"):
+        retrieval_metrics(queries, torch.tensor([0, 1, 2, 3]))
