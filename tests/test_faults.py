@@ -7,6 +7,7 @@ type or exit code and that its message names what is wrong and where.
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,79 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- checkpoints -------------------------------------------------------------------
+
+
+class _NotWeights:
+    """An object that only a full (code-running) unpickler would rebuild."""
+
+
+def _write_bad_checkpoint(path: Path, kind: str) -> None:
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif kind == "text":
+        path.write_text("model: vit_small\nepochs: 100\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "plain state dict":
+        torch.save({"weight": torch.zeros(2)}, path)
+    elif kind == "python object":
+        torch.save(_NotWeights(), path)
+    elif kind == "foreign safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.zeros(2)}, str(path))
+    elif kind == "foreign lightning":
+        torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, path)
+
+
+BAD_CHECKPOINTS = [
+    ("random bytes", ".ckpt", "binary data"),
+    ("text", ".ckpt", "a text file starting with 'model: vit_small"),
+    ("empty", ".ckpt", "an empty file"),
+    ("plain state dict", ".ckpt", "a dict of weights without 'state_dict'"),
+    ("python object", ".ckpt", "_NotWeights); not loaded"),
+    ("foreign lightning", ".ckpt", "without the 'lightly_msn' entry"),
+    ("foreign safetensors", ".safetensors", "without 'lightly_msn' metadata"),
+    ("random bytes", ".safetensors", "binary data"),
+    ("text", ".safetensors", "a text file"),
+    ("foreign safetensors", ".ckpt", "a safetensors file"),
+]
+
+
+@pytest.mark.parametrize(("kind", "suffix", "found"), BAD_CHECKPOINTS)
+def test_a_bad_checkpoint_gives_one_line_naming_file_expected_and_found(
+    tmp_path: Path, kind: str, suffix: str, found: str
+) -> None:
+    from lightly_msn.checkpoint import load_backbone_vit
+
+    path = tmp_path / f"model{suffix}"
+    _write_bad_checkpoint(path, kind)
+    with pytest.raises(ValueError) as error_info:
+        load_backbone_vit(path)
+    message = str(error_info.value)
+    assert "\n" not in message
+    assert str(path) in message and "expected" in message and found in message
+    # not even in the traceback: torch's refusal advises loading unsafely
+    printed = "".join(traceback.format_exception(error_info.value))
+    assert "weights_only" not in printed and "trust" not in printed
+
+
+def test_read_checkpoint_returns_the_checkpoint_or_names_the_problem(
+    tmp_path: Path,
+) -> None:
+    from lightly_msn.checkpoint import METADATA_KEY, read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, METADATA_KEY: {"x": 1}}, path)
+    assert read_checkpoint(path)[METADATA_KEY] == {"x": 1}
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    _write_bad_checkpoint(path, "python object")
+    with pytest.raises(ValueError, match="not loaded: unpickling it could run code"):
+        read_checkpoint(path)
 
 
 # --- transforms ----------------------------------------------------------------------
