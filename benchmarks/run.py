@@ -39,10 +39,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import results
-from benchmarks.evaluate import KNNMonitor, embed_method, evaluate_features
+from benchmarks.evaluate import KNNMonitor, embed_method, evaluation_record
 from benchmarks.methods import available_methods, load_method
 from benchmarks.methods.base import BenchmarkConfig, eval_transform
 from lightly_msn.data import build_dataset
+from lightly_msn.eval.fewshot import parse_shots
+from lightly_msn.eval.protocols import evaluate_features
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 PROFILES_DIR = BENCHMARKS_DIR / "configs"
@@ -264,13 +266,15 @@ def pretrain_and_evaluate(
     images_seen = trainer.global_step * config.global_batch_size
 
     start = time.perf_counter()
-    features = evaluate_features(
-        embed_method(method, bank, progress=progress),
-        embed_method(method, test, progress=progress),
-        knn_ks=config.knn_ks,
-        fewshot=config.fewshot,
-        fewshot_seeds=config.fewshot_seeds,
-        progress=progress,
+    features = evaluation_record(
+        evaluate_features(
+            embed_method(method, bank, progress=progress),
+            embed_method(method, test, progress=progress),
+            knn_ks=config.knn_ks,
+            shots=parse_shots(",".join(config.fewshot)),
+            seeds=config.fewshot_seeds,
+            progress=progress,
+        )
     )
     loss = trainer.callback_metrics.get("loss")
     record: dict[str, Any] = {

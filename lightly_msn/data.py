@@ -26,6 +26,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
+from lightly_msn.transforms import CIFAR10_NORMALIZE, IMAGENET_NORMALIZE
+
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -279,4 +281,43 @@ def _check_image_files(
     dataset.num_skipped_images = len(bad)
 
 
-__all__ = ["CheckedImageFolder", "DigitsDataset", "build_dataset"]
+def eval_transform(
+    img_size: int,
+    normalize: dict[str, list[float]] | None = IMAGENET_NORMALIZE,
+    resize: int | None = None,
+) -> Callable[[Image.Image], Any]:
+    """The deterministic evaluation transform: resize, centre crop, tensor, normalise.
+
+    Args:
+        img_size:
+            Side of the square centre crop in pixels.
+        normalize:
+            ``{"mean": [...], "std": [...]}`` per channel (e.g. ``IMAGENET_NORMALIZE``
+            or ``CIFAR10_NORMALIZE``), or ``None`` to keep values in [0, 1].
+        resize:
+            The shorter image side is resized to this before the crop; defaults to
+            ``img_size`` (the crop keeps the whole shorter side).
+
+    Returns:
+        A callable mapping a PIL image to a float32 ``(3, img_size, img_size)`` tensor.
+    """
+    from torchvision import transforms
+
+    steps: list[Callable[[Any], Any]] = [
+        transforms.Resize(resize or img_size),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+    ]
+    if normalize is not None:
+        steps.append(transforms.Normalize(normalize["mean"], normalize["std"]))
+    return transforms.Compose(steps)
+
+
+__all__ = [
+    "CIFAR10_NORMALIZE",
+    "IMAGENET_NORMALIZE",
+    "CheckedImageFolder",
+    "DigitsDataset",
+    "build_dataset",
+    "eval_transform",
+]

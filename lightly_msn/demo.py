@@ -85,7 +85,7 @@ def demo(
     """Pretrains on the digits and returns the kNN accuracies (see ``run_demo``)."""
     from lightning import seed_everything
 
-    from lightly_msn.data import build_dataset
+    from lightly_msn.data import CIFAR10_NORMALIZE, build_dataset, eval_transform
     from lightly_msn.model import ClassTokenFeatures, create_vit
     from lightly_msn.train import pretrain
     from lightly_msn.transforms import MSNTransform
@@ -124,12 +124,12 @@ def demo(
     )
     pretrained = ClassTokenFeatures(result.module.model.target_vit).eval()
 
-    transform = _eval_transform()
+    to_tensor = eval_transform(settings["img_size"], CIFAR10_NORMALIZE)
     train = build_dataset(
-        "digits", "train", transform=transform, img_size=settings["img_size"]
+        "digits", "train", transform=to_tensor, img_size=settings["img_size"]
     )
     test = build_dataset(
-        "digits", "test", transform=transform, img_size=settings["img_size"]
+        "digits", "test", transform=to_tensor, img_size=settings["img_size"]
     )
     return DemoResult(
         msn_accuracy=knn_accuracy(pretrained, train, test, progress),
@@ -159,16 +159,3 @@ def knn_accuracy(
     test_features, test_labels = embed(backbone, test, device="cpu", progress=progress)
     classifier = KNNClassifier(ks=(KNN_K,)).fit(train_features, train_labels)
     return classifier.score(test_features, test_labels)[f"knn_top1@{KNN_K}"]
-
-
-def _eval_transform() -> Any:
-    from torchvision import transforms
-
-    from lightly_msn.transforms import CIFAR10_NORMALIZE
-
-    return transforms.Compose(
-        [
-            transforms.ToTensor(),
-            transforms.Normalize(CIFAR10_NORMALIZE["mean"], CIFAR10_NORMALIZE["std"]),
-        ]
-    )

@@ -29,10 +29,9 @@ from lightning import LightningModule
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchvision import transforms as T
 
-CIFAR10_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
-IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+from lightly_msn.data import CIFAR10_NORMALIZE, IMAGENET_NORMALIZE
+from lightly_msn.data import eval_transform as data_eval_transform
 
 
 @dataclass
@@ -226,14 +225,7 @@ def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
 def eval_transform(config: BenchmarkConfig) -> Callable[[Any], Tensor]:
     """Deterministic evaluation transform: resize, centre crop, normalise."""
     resize = config.img_size if config.img_size <= 64 else config.img_size * 256 // 224
-    return T.Compose(
-        [
-            T.Resize(resize),
-            T.CenterCrop(config.img_size),
-            T.ToTensor(),
-            T.Normalize(**config.normalize),
-        ]
-    )
+    return data_eval_transform(config.img_size, config.normalize, resize=resize)
 
 
 class BenchmarkMethod(LightningModule):

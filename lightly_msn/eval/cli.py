@@ -12,30 +12,33 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightly_msn.eval.protocols import FeatureEvaluation
 
 logger = logging.getLogger(__name__)
 
 KNN_KS = (10, 20, 100, 200)
 ALL_PROTOCOLS_SHOTS = "1,2,5,1%"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments."""
-    from lightly_msn.data import build_dataset
+    from lightly_msn.data import build_dataset, eval_transform
     from lightly_msn.eval.embed import embed
+    from lightly_msn.eval.fewshot import parse_shots
+    from lightly_msn.eval.protocols import evaluate_features
 
     if not (args.knn or args.retrieval or args.fewshot):
         args.knn = args.retrieval = True
         args.fewshot = ALL_PROTOCOLS_SHOTS
     model, source = _load_model(args)
     img_size = args.img_size or _model_image_size(model)
-    transform = _eval_transform(img_size)
+    transform = eval_transform(img_size)
     train_set = build_dataset(
         args.train, "train", transform=transform, img_size=img_size
     )
@@ -45,8 +48,17 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     train = embed(model, train_set, args.batch_size, args.device)
     test = embed(model, test_set, args.batch_size, args.device)
 
-    rows, details = evaluate_features(train, test, args.knn, args.retrieval, args)
-    few_shot_results = details.pop("fewshot_objects", None)
+    evaluation = evaluate_features(
+        train,
+        test,
+        knn_ks=sorted({min(k, len(train[0])) for k in KNN_KS}) if args.knn else (),
+        retrieval=args.retrieval,
+        shots=parse_shots(args.fewshot) if args.fewshot else (),
+        seeds=args.seeds,
+        device=args.device,
+        progress=True,
+    )
+    rows = result_rows(evaluation)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, output_dir / "results.csv")
@@ -59,71 +71,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "num_test": len(test[0]),
         "feature_dim": train[0].shape[1],
         "results": rows,
-        **details,
     }
-    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    if few_shot_results:
-        from lightly_msn.eval.plots import plot_few_shot
-
-        knn_top1 = [
-            row["mean"]
-            for row in rows
-            if row["protocol"] == "knn" and row["metric"] == "top1"
-        ]
-        plot_few_shot(
-            few_shot_results,
-            output_dir / "fewshot.png",
-            title=f"few-shot: {source}",
-            knn_top1=max(knn_top1) if knn_top1 else None,
-        )
-    print(format_table(rows))
-    print(f"results written to {output_dir}/")
-    return 0
-
-
-def evaluate_features(
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    knn: bool,
-    retrieval: bool,
-    args: argparse.Namespace,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Runs the selected protocols; returns table rows and JSON details."""
-    from lightly_msn.eval.fewshot import few_shot_eval, parse_shots
-    from lightly_msn.eval.knn import KNNClassifier
-    from lightly_msn.eval.retrieval import retrieval_metrics
-
-    rows: list[dict[str, Any]] = []
-    details: dict[str, Any] = {}
-    if knn:
-        ks = sorted({min(k, len(train[0])) for k in KNN_KS})
-        scores = KNNClassifier(ks=ks).fit(*train).score(*test)
-        for k in ks:
-            for metric in ("top1", "top5"):
-                rows.append(_row("knn", f"k={k}", metric, scores[f"knn_{metric}@{k}"]))
-    if retrieval:
-        for metric, value in retrieval_metrics(test[0], test[1], *train).items():
-            rows.append(_row("retrieval", "test->train", metric, value))
-    if args.fewshot:
-        results = few_shot_eval(
-            *train,
-            *test,
-            shots=parse_shots(args.fewshot),
-            seeds=args.seeds,
-            device=args.device,
-        )
-        for result in results:
-            rows.append(
-                _row(
-                    "fewshot",
-                    result.name,
-                    "top1",
-                    result.mean,
-                    result.std,
-                    len(result.accuracies),
-                )
-            )
-        details["fewshot_results"] = [
+    if evaluation.fewshot:
+        report["fewshot_results"] = [
             {
                 "shots": result.name,
                 "seeds": result.seeds,
@@ -131,10 +81,48 @@ def evaluate_features(
                 "accuracies": result.accuracies,
                 "regularizations": result.regularizations,
             }
-            for result in results
+            for result in evaluation.fewshot
         ]
-        details["fewshot_objects"] = results
-    return rows, details
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    if evaluation.fewshot:
+        from lightly_msn.eval.plots import plot_few_shot
+
+        plot_few_shot(
+            evaluation.fewshot,
+            output_dir / "fewshot.png",
+            title=f"few-shot: {source}",
+            knn_top1=max(
+                (scores["top1"] for scores in evaluation.knn.values()), default=None
+            ),
+        )
+    print(format_table(rows))
+    print(f"results written to {output_dir}/")
+    return 0
+
+
+def result_rows(evaluation: FeatureEvaluation) -> list[dict[str, Any]]:
+    """The rows of the results table: protocol, setting, metric, mean, std, runs."""
+    rows = [
+        _row("knn", f"k={k}", metric, value)
+        for k, scores in evaluation.knn.items()
+        for metric, value in scores.items()
+    ]
+    rows += [
+        _row("retrieval", "test->train", metric, value)
+        for metric, value in evaluation.retrieval.items()
+    ]
+    rows += [
+        _row(
+            "fewshot",
+            result.name,
+            "top1",
+            result.mean,
+            result.std,
+            len(result.accuracies),
+        )
+        for result in evaluation.fewshot
+    ]
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -217,16 +205,3 @@ def _model_image_size(model: nn.Module) -> int:
         if size is not None and not isinstance(module, nn.Identity):
             return int(size[0] if isinstance(size, (tuple, list)) else size)
     return 224
-
-
-def _eval_transform(img_size: int) -> Any:
-    from torchvision import transforms
-
-    return transforms.Compose(
-        [
-            transforms.Resize(img_size),
-            transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
