@@ -14,8 +14,11 @@ can still pass ``verify``; loading it later raises an error that names the file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +57,11 @@ def build_dataset(
         data:
             ``"digits"`` (scikit-learn's bundled 8x8 digits, upsampled to ``img_size``,
             no download), ``"cifar10"`` or the path of an ImageFolder
-            (``root/<class>/<image>``). If the path contains a ``<split>``
-            sub-folder (``root/train/<class>/...``), that sub-folder is used.
+            (``root/<class>/<image>``). If the path has a ``train/`` or ``test/``
+            sub-folder (``root/train/<class>/...``), it is split: the ``<split>``
+            sub-folder is used, and a ``ValueError`` names the folder and the split
+            when that sub-folder is missing (``root/test/`` alone never becomes a
+            train set).
         split:
             ``"train"`` or ``"test"``.
         data_dir:
@@ -219,8 +225,7 @@ def _build_image_folder(
         )
     if not root.is_dir():
         raise NotADirectoryError(f"dataset path {root} is not a folder")
-    if (root / split).is_dir():
-        root = root / split
+    root = _split_folder(root, split)
     if not any(entry.is_dir() for entry in root.iterdir()):
         raise ValueError(
             f"dataset folder {root} has no class sub-folders; expected the "
@@ -235,6 +240,19 @@ def _build_image_folder(
         ) from error
     _check_image_files(dataset, on_bad_image, min_size)
     return dataset
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/<split>`` if ``root`` is split into train/ and test/, else ``root``."""
+    present = [name for name in SPLITS if (root / name).is_dir()]
+    if not present:
+        return root
+    if split not in present:
+        raise ValueError(
+            f"dataset folder {root} is split into {present[0]}/ but has no {split}/ "
+            f"sub-folder: the {split} split is missing"
+        )
+    return root / split
 
 
 def _check_image_files(
@@ -313,11 +331,123 @@ def eval_transform(
     return transforms.Compose(steps)
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """A test image file that is also a train image file.
+
+    Attributes:
+        test_file:
+            The test image.
+        train_file:
+            The train image it repeats.
+        same_file:
+            ``True`` when both are the same file (one path, a link or a hard link);
+            ``False`` when they are different files with identical bytes.
+    """
+
+    test_file: str
+    train_file: str
+    same_file: bool
+
+
+def find_overlap(train: Dataset, test: Dataset) -> list[Overlap]:
+    """The test images that are also train images: the same file or the same bytes.
+
+    Compares the image files of two image-folder datasets (their ``samples``) by file
+    identity (device and inode, which resolves links) and by a hash of the file bytes,
+    so a copy of a train image in the test folder is found too. Only files whose
+    byte size occurs in both sets are hashed. Datasets without image files (the
+    bundled digits, torchvision's CIFAR-10) are split by construction and give no
+    overlap.
+
+    Returns:
+        One ``Overlap`` per repeated test image, in the test set's order.
+    """
+    train_files = _image_files(train)
+    test_files = _image_files(test)
+    if not train_files or not test_files:
+        return []
+    train_stats = {path: os.stat(path) for path in train_files}
+    test_stats = {path: os.stat(path) for path in test_files}
+    train_by_identity = {
+        (stat.st_dev, stat.st_ino): path for path, stat in train_stats.items()
+    }
+    train_sizes = {stat.st_size for stat in train_stats.values()}
+    test_sizes = {stat.st_size for stat in test_stats.values()}
+    train_by_digest = {
+        _file_digest(path): path
+        for path, stat in train_stats.items()
+        if stat.st_size in test_sizes
+    }
+    overlaps = []
+    for path, stat in test_stats.items():
+        twin = train_by_identity.get((stat.st_dev, stat.st_ino))
+        if twin is not None:
+            overlaps.append(Overlap(path, twin, same_file=True))
+        elif stat.st_size in train_sizes:
+            twin = train_by_digest.get(_file_digest(path))
+            if twin is not None:
+                overlaps.append(Overlap(path, twin, same_file=False))
+    return overlaps
+
+
+def match_classes(dataset: Dataset, classes: Sequence[str], name: str = "test") -> None:
+    """Relabels ``dataset`` in place so that its labels index ``classes`` by name.
+
+    Label ``i`` of the result means ``classes[i]`` whatever the dataset's own class
+    order; classes of ``classes`` that the dataset lacks are fine.
+
+    Args:
+        dataset:
+            A dataset of :func:`build_dataset` (``classes`` and ``targets``
+            attributes; an image folder's ``samples`` are relabelled too).
+        classes:
+            The class names the labels must index, e.g. the train set's.
+        name:
+            What ``dataset`` is, for the error message.
+
+    Raises:
+        ValueError: If the dataset has classes that ``classes`` does not name.
+    """
+    own = list(dataset.classes)  # type: ignore[attr-defined]
+    if own == list(classes):
+        return
+    index = {class_name: i for i, class_name in enumerate(classes)}
+    unknown = [class_name for class_name in own if class_name not in index]
+    if unknown:
+        where = getattr(dataset, "root", None)
+        raise ValueError(
+            f"{name} classes {', '.join(map(repr, unknown))}"
+            + (f" of {where}" if where is not None else "")
+            + f" are not among the train classes ({', '.join(map(repr, classes))}); "
+            "labels are matched by class name"
+        )
+    relabel = [index[class_name] for class_name in own]
+    dataset.targets = [relabel[t] for t in dataset.targets]  # type: ignore[attr-defined]
+    if isinstance(dataset, ImageFolder):
+        dataset.samples = [(path, relabel[t]) for path, t in dataset.samples]
+        dataset.imgs = dataset.samples
+    dataset.classes = list(classes)  # type: ignore[attr-defined]
+    dataset.class_to_idx = dict(index)  # type: ignore[attr-defined]
+
+
+def _image_files(dataset: Dataset) -> list[str]:
+    return [path for path, _ in getattr(dataset, "samples", [])]
+
+
+def _file_digest(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return hashlib.blake2b(file.read(), digest_size=16).digest()
+
+
 __all__ = [
     "CIFAR10_NORMALIZE",
     "IMAGENET_NORMALIZE",
     "CheckedImageFolder",
     "DigitsDataset",
+    "Overlap",
     "build_dataset",
     "eval_transform",
+    "find_overlap",
+    "match_classes",
 ]

@@ -11,11 +11,14 @@ import argparse
 import csv
 import json
 import logging
+import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from lightly_msn.eval.protocols import FeatureEvaluation
@@ -27,24 +30,27 @@ ALL_PROTOCOLS_SHOTS = "1,2,5,1%"
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments."""
-    from lightly_msn.data import build_dataset, eval_transform
+    """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments.
+
+    The parser has checked every single argument; what needs the model or the data
+    (the device, the timm name, splits, classes, overlap, few-shot sizes) is checked
+    here before anything is embedded.
+
+    Raises:
+        ValueError, OSError: For bad input, with a message that names it.
+    """
+    from lightly_msn.data import eval_transform
     from lightly_msn.eval.embed import embed
     from lightly_msn.eval.fewshot import parse_shots
     from lightly_msn.eval.protocols import evaluate_features
 
+    _check_model_and_device(args)
     if not (args.knn or args.retrieval or args.fewshot):
         args.knn = args.retrieval = True
-        args.fewshot = ALL_PROTOCOLS_SHOTS
+        args.fewshot = parse_shots(ALL_PROTOCOLS_SHOTS)
     model, source = _load_model(args)
     img_size = args.img_size or _model_image_size(model)
-    transform = eval_transform(img_size)
-    train_set = build_dataset(
-        args.train, "train", transform=transform, img_size=img_size
-    )
-    test_set = build_dataset(args.test, "test", transform=transform, img_size=img_size)
-    if len(test_set) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the test set {args.test} is empty")
+    train_set, test_set = _load_datasets(args, eval_transform(img_size), img_size)
     train = embed(model, train_set, args.batch_size, args.device)
     test = embed(model, test_set, args.batch_size, args.device)
 
@@ -53,7 +59,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         test,
         knn_ks=sorted({min(k, len(train[0])) for k in KNN_KS}) if args.knn else (),
         retrieval=args.retrieval,
-        shots=parse_shots(args.fewshot) if args.fewshot else (),
+        shots=args.fewshot or (),
         seeds=args.seeds,
         device=args.device,
         progress=True,
@@ -66,6 +72,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "model": source,
         "train": args.train,
         "test": args.test,
+        "allow_overlap": args.allow_overlap,
+        "classes": list(train_set.classes),  # type: ignore[attr-defined]
         "img_size": img_size,
         "num_train": len(train[0]),
         "num_test": len(test[0]),
@@ -125,6 +133,82 @@ def result_rows(evaluation: FeatureEvaluation) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_model_and_device(args: argparse.Namespace) -> None:
+    if args.timm_weights and not args.timm:
+        raise ValueError("--timm-weights is only used with --timm")
+    if args.device is None:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {args.device}: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _load_datasets(
+    args: argparse.Namespace, transform: Any, img_size: int
+) -> tuple[Dataset, Dataset]:
+    """The train and test sets, labelled alike by class name and checked disjoint."""
+    from lightly_msn.data import build_dataset, match_classes
+
+    train_set = build_dataset(
+        args.train, "train", transform=transform, img_size=img_size
+    )
+    test_set = build_dataset(args.test, "test", transform=transform, img_size=img_size)
+    match_classes(test_set, train_set.classes)  # type: ignore[attr-defined]
+    if args.allow_overlap:
+        logger.warning("--allow-overlap: test images are not checked against train")
+    else:
+        _check_disjoint(train_set, test_set)
+    if args.fewshot:
+        _check_few_shot_sizes(args.fewshot, train_set)
+    return train_set, test_set
+
+
+def _check_disjoint(train_set: Dataset, test_set: Dataset) -> None:
+    from lightly_msn.data import find_overlap
+
+    hint = "pass --allow-overlap to evaluate on train images deliberately"
+    train_root = getattr(train_set, "root", None)
+    test_root = getattr(test_set, "root", None)
+    if train_root and test_root and os.path.samefile(train_root, test_root):
+        raise ValueError(
+            f"--train and --test are the same folder {test_root}: every test image is "
+            f"a train image; {hint}"
+        )
+    overlaps = find_overlap(train_set, test_set)
+    if overlaps:
+        first = overlaps[0]
+        relation = (
+            "the same file as"
+            if first.same_file
+            else "a file with identical content to"
+        )
+        raise ValueError(
+            f"{len(overlaps)} of {len(test_set)} test images are also train "  # type: ignore[arg-type]
+            f"images, e.g. {first.test_file} is {relation} {first.train_file}; {hint}"
+        )
+
+
+def _check_few_shot_sizes(shots: list[Any], train_set: Dataset) -> None:
+    """Every train class must hold the images that an int few-shot setting draws."""
+    counts: Counter[int] = Counter(train_set.targets)  # type: ignore[attr-defined]
+    classes = train_set.classes  # type: ignore[attr-defined]
+    needed = max((shot for shot in shots if isinstance(shot, int)), default=0)
+    for label, count in sorted(counts.items()):
+        if count < needed:
+            raise ValueError(
+                f"--fewshot {needed}: train class {classes[label]!r} has {count} "
+                f"images, fewer than the {needed} per class requested"
+            )
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One plain-text table of all results."""
     header = f"{'protocol':<10} {'setting':<12} {'metric':<28} {'value':>16}"
@@ -177,6 +261,8 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
     from lightly_msn.checkpoint import timm_file_overlay
 
+    if not timm.is_model(args.timm):
+        raise ValueError(f"--timm {args.timm}: no such timm model")
     weights = getattr(args, "timm_weights", None)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if args.img_size:
@@ -194,8 +280,23 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     # (torch seeds its default generator at random per process)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+        try:
+            model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+        except Exception as error:
+            if not weights:
+                raise
+            raise _unloadable_weights(weights, args.timm, error) from None
     return model, f"timm:{args.timm}" + ("" if weights else " (random init)")
+
+
+def _unloadable_weights(path: str, model_name: str, error: Exception) -> ValueError:
+    from lightly_msn.checkpoint import describe_unloadable
+
+    return ValueError(
+        f"--timm-weights {path}: expected weights of the timm model {model_name} "
+        f"(safetensors, a PyTorch state dict or a JAX .npz), found "
+        f"{describe_unloadable(path, error)}"
+    )
 
 
 def _model_image_size(model: nn.Module) -> int:
