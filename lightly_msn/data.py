@@ -210,13 +210,18 @@ def _build_cifar10(
         ) from error
 
 
-def _build_image_folder(
-    path: str | Path,
-    split: str,
-    transform: Callable[[Image.Image], Any] | None,
-    on_bad_image: str,
-    min_size: int | None,
-) -> CheckedImageFolder:
+def image_folder_root(path: str | Path, split: str) -> Path:
+    """The folder whose class sub-folders ``build_dataset(path, split)`` reads.
+
+    ``path/<split>`` when ``path`` is split into ``train/`` and ``test/``
+    sub-folders, else ``path``. Reads no image, so a wrong folder fails at once.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        NotADirectoryError: If ``path`` is not a folder.
+        ValueError: If ``path`` has a ``train/`` or ``test/`` sub-folder but not
+            ``split``; the message names the folder and the split.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
@@ -225,7 +230,25 @@ def _build_image_folder(
         )
     if not root.is_dir():
         raise NotADirectoryError(f"dataset path {root} is not a folder")
-    root = _split_folder(root, split)
+    present = [name for name in SPLITS if (root / name).is_dir()]
+    if not present:
+        return root
+    if split not in present:
+        raise ValueError(
+            f"dataset folder {root} is split into {present[0]}/ but has no {split}/ "
+            f"sub-folder: the {split} split is missing"
+        )
+    return root / split
+
+
+def _build_image_folder(
+    path: str | Path,
+    split: str,
+    transform: Callable[[Image.Image], Any] | None,
+    on_bad_image: str,
+    min_size: int | None,
+) -> CheckedImageFolder:
+    root = image_folder_root(path, split)
     if not any(entry.is_dir() for entry in root.iterdir()):
         raise ValueError(
             f"dataset folder {root} has no class sub-folders; expected the "
@@ -240,19 +263,6 @@ def _build_image_folder(
         ) from error
     _check_image_files(dataset, on_bad_image, min_size)
     return dataset
-
-
-def _split_folder(root: Path, split: str) -> Path:
-    """``root/<split>`` if ``root`` is split into train/ and test/, else ``root``."""
-    present = [name for name in SPLITS if (root / name).is_dir()]
-    if not present:
-        return root
-    if split not in present:
-        raise ValueError(
-            f"dataset folder {root} is split into {present[0]}/ but has no {split}/ "
-            f"sub-folder: the {split} split is missing"
-        )
-    return root / split
 
 
 def _check_image_files(
@@ -449,5 +459,6 @@ __all__ = [
     "build_dataset",
     "eval_transform",
     "find_overlap",
+    "image_folder_root",
     "match_classes",
 ]

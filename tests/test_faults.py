@@ -96,12 +96,14 @@ def test_eval_with_a_missing_test_split_is_an_error(
 ) -> None:
     data = tmp_path / "data"
     write_images(data / "train", {"cat": 3, "dog": 3})
+    (data / "train" / "cat" / "broken.png").write_bytes(b"not a png")
     code, out, err = run_eval(
         ["--train", str(data), "--test", str(data)], tmp_path, capsys
     )
     assert code == 2
     line = error_line(err)
     assert str(data) in line and "test/" in line
+    assert "broken.png" not in err  # found before any image is read
     assert "top1" not in out
 
 
@@ -122,11 +124,15 @@ def test_eval_on_the_same_folder_is_an_error_unless_allowed(
     data = tmp_path / "data"
     write_images(data, {"cat": 3, "dog": 3})
     arguments = ["--train", str(data), "--test", str(data)]
+    broken = data / "cat" / "broken.png"
+    broken.write_bytes(b"not a png")
     code, out, err = run_eval(arguments, tmp_path, capsys)
     assert code == 2
     line = error_line(err)
     assert "same folder" in line and str(data) in line and "--allow-overlap" in line
+    assert "broken.png" not in err  # found before any image is read
     assert "top1" not in out
+    broken.unlink()
 
     code, out, _ = run_eval([*arguments, "--allow-overlap"], tmp_path, capsys)
     assert code == 0 and "top1" in out

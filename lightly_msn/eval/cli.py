@@ -27,14 +27,17 @@ logger = logging.getLogger(__name__)
 
 KNN_KS = (10, 20, 100, 200)
 ALL_PROTOCOLS_SHOTS = "1,2,5,1%"
+NAMED_DATASETS = ("cifar10", "digits")  # build_dataset's data sets that are no folder
+ALLOW_OVERLAP_HINT = "pass --allow-overlap to evaluate on train images deliberately"
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments.
 
-    The parser has checked every single argument; what needs the model or the data
-    (the device, the timm name, splits, classes, overlap, few-shot sizes) is checked
-    here before anything is embedded.
+    The parser has checked every single argument; the device, the splits and the
+    folders are checked here before the model or any image is read, the timm name
+    before the model is built, and classes, overlap and few-shot sizes before
+    anything is embedded.
 
     Raises:
         ValueError, OSError: For bad input, with a message that names it.
@@ -45,6 +48,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     from lightly_msn.eval.protocols import evaluate_features
 
     _check_model_and_device(args)
+    _check_folders(args)
     if not (args.knn or args.retrieval or args.fewshot):
         args.knn = args.retrieval = True
         args.fewshot = parse_shots(ALL_PROTOCOLS_SHOTS)
@@ -155,7 +159,7 @@ def _load_datasets(
     args: argparse.Namespace, transform: Any, img_size: int
 ) -> tuple[Dataset, Dataset]:
     """The train and test sets, labelled alike by class name and checked disjoint."""
-    from lightly_msn.data import build_dataset, match_classes
+    from lightly_msn.data import build_dataset, find_overlap, match_classes
 
     train_set = build_dataset(
         args.train, "train", transform=transform, img_size=img_size
@@ -164,26 +168,7 @@ def _load_datasets(
     match_classes(test_set, train_set.classes)  # type: ignore[attr-defined]
     if args.allow_overlap:
         logger.warning("--allow-overlap: test images are not checked against train")
-    else:
-        _check_disjoint(train_set, test_set)
-    if args.fewshot:
-        _check_few_shot_sizes(args.fewshot, train_set)
-    return train_set, test_set
-
-
-def _check_disjoint(train_set: Dataset, test_set: Dataset) -> None:
-    from lightly_msn.data import find_overlap
-
-    hint = "pass --allow-overlap to evaluate on train images deliberately"
-    train_root = getattr(train_set, "root", None)
-    test_root = getattr(test_set, "root", None)
-    if train_root and test_root and os.path.samefile(train_root, test_root):
-        raise ValueError(
-            f"--train and --test are the same folder {test_root}: every test image is "
-            f"a train image; {hint}"
-        )
-    overlaps = find_overlap(train_set, test_set)
-    if overlaps:
+    elif overlaps := find_overlap(train_set, test_set):
         first = overlaps[0]
         relation = (
             "the same file as"
@@ -192,7 +177,29 @@ def _check_disjoint(train_set: Dataset, test_set: Dataset) -> None:
         )
         raise ValueError(
             f"{len(overlaps)} of {len(test_set)} test images are also train "  # type: ignore[arg-type]
-            f"images, e.g. {first.test_file} is {relation} {first.train_file}; {hint}"
+            f"images, e.g. {first.test_file} is {relation} {first.train_file}; "
+            f"{ALLOW_OVERLAP_HINT}"
+        )
+    if args.fewshot:
+        _check_few_shot_sizes(args.fewshot, train_set)
+    return train_set, test_set
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """Splits and the same folder for both sets, before any image is read."""
+    from lightly_msn.data import image_folder_root
+
+    roots = [
+        None if data in NAMED_DATASETS else image_folder_root(data, split)
+        for data, split in ((args.train, "train"), (args.test, "test"))
+    ]
+    train_root, test_root = roots
+    if args.allow_overlap or train_root is None or test_root is None:
+        return
+    if os.path.samefile(train_root, test_root):
+        raise ValueError(
+            f"--train and --test are the same folder {test_root}: every test image is "
+            f"a train image; {ALLOW_OVERLAP_HINT}"
         )
 
 
