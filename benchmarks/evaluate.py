@@ -1,8 +1,8 @@
 """Evaluation of a pretrained method with ``lightly_msn.eval``: kNN, few-shot, MAP@R.
 
 The benchmark only wires the package's evaluation toolkit to the methods: every
-number comes from ``lightly_msn.eval`` (``embed``, ``KNNClassifier``,
-``few_shot_eval``, ``retrieval_metrics``).
+number comes from ``lightly_msn.eval`` (``embed``, ``evaluate_features``,
+``KNNClassifier``); this module turns them into the benchmark's JSON record.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightly_msn.eval.embed import embed
-from lightly_msn.eval.fewshot import few_shot_eval, parse_shots
 from lightly_msn.eval.knn import KNNClassifier
-from lightly_msn.eval.retrieval import retrieval_metrics
+from lightly_msn.eval.protocols import FeatureEvaluation
 from lightly_msn.files import atomic_write_text
 
 
@@ -49,44 +48,19 @@ def embed_method(
     )
 
 
-def evaluate_features(
-    bank: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    knn_ks: tuple[int, ...] = (20, 200),
-    fewshot: tuple[str, ...] = ("1", "2", "5", "1%"),
-    fewshot_seeds: int = 3,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """kNN top-1/top-5, few-shot top-1 and retrieval metrics of frozen features.
+def evaluation_record(evaluation: FeatureEvaluation) -> dict[str, Any]:
+    """The ``knn``, ``fewshot`` and ``retrieval`` entries of a benchmark record.
 
     Args:
-        bank: Labelled (features, labels): kNN neighbours, few-shot draws and the
-            retrieval reference set.
-        test: (features, labels) scored by every metric.
+        evaluation: The result of ``lightly_msn.eval.evaluate_features`` on the
+            bank and test features.
 
     Returns:
-        ``{"knn": {k: {"top1", "top5"}}, "fewshot": [...], "retrieval": {...}}``.
+        ``{"knn": {k: {"top1", "top5"}}, "fewshot": [...], "retrieval": {...}}``
+        (``k`` as a string, as in the JSON records ``benchmarks/results.py`` reads).
     """
-    bank_features, bank_labels = bank
-    test_features, test_labels = test
-    knn = KNNClassifier(ks=knn_ks).fit(bank_features, bank_labels)
-    scores = knn.score(test_features, test_labels)
-    knn_result = {
-        str(k): {"top1": scores[f"knn_top1@{k}"], "top5": scores[f"knn_top5@{k}"]}
-        for k in knn_ks
-    }
-    shots = parse_shots(",".join(fewshot))
-    fewshot_results = few_shot_eval(
-        bank_features,
-        bank_labels,
-        test_features,
-        test_labels,
-        shots=shots,
-        seeds=fewshot_seeds,
-        progress=progress,
-    )
     return {
-        "knn": knn_result,
+        "knn": {str(k): scores for k, scores in evaluation.knn.items()},
         "fewshot": [
             {
                 "setting": result.name,
@@ -95,11 +69,9 @@ def evaluate_features(
                 "std": result.std,
                 "accuracies": list(result.accuracies),
             }
-            for result in fewshot_results
+            for result in evaluation.fewshot
         ],
-        "retrieval": retrieval_metrics(
-            test_features, test_labels, bank_features, bank_labels
-        ),
+        "retrieval": evaluation.retrieval,
     }
 
 

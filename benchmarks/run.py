@@ -32,7 +32,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ import torch
 import yaml
 from pytorch_lightning import Callback, Trainer, seed_everything
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from benchmarks import results
-from benchmarks.evaluate import KNNMonitor, embed_method, evaluate_features
+from benchmarks.evaluate import KNNMonitor, embed_method, evaluation_record
 from benchmarks.methods import available_methods, load_method
 from benchmarks.methods.base import BenchmarkConfig
 from lightly_msn.data import (
@@ -53,6 +54,8 @@ from lightly_msn.data import (
     dataset_labels,
     eval_transform,
 )
+from lightly_msn.eval.fewshot import parse_shots
+from lightly_msn.eval.protocols import evaluate_features
 from lightly_msn.train import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -145,6 +148,17 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
 
 
+def evaluation_transform(config: BenchmarkConfig) -> Callable[[Any], Tensor]:
+    """The package's evaluation transform at the run's size and statistics.
+
+    Images above 64 px are resized to 256/224 of the crop first (ImageNet's
+    convention); small images keep their size.
+    """
+    img_size = config.img_size
+    resize = img_size if img_size <= 64 else img_size * 256 // 224
+    return eval_transform(img_size, config.normalize, resize=resize)
+
+
 def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
     """The labelled bank, test set and monitor sets, with the evaluation transform."""
     dataset, data_dir = (
@@ -158,7 +172,7 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
         for split in ("train", "test")
     }
     labels = {split: dataset_labels(images) for split, images in splits.items()}
-    to_tensor = eval_transform(config.img_size, config.normalize)
+    to_tensor = evaluation_transform(config)
 
     def subset(split: str, size: int | None, seed_offset: int) -> Dataset:
         indices = balanced_indices(labels[split], size, config.seed + seed_offset)
@@ -233,13 +247,15 @@ def pretrain_and_evaluate(
     images_seen = trainer.global_step * config.global_batch_size
 
     start = time.perf_counter()
-    features = evaluate_features(
-        embed_method(method, sets["bank"], progress=progress),
-        embed_method(method, sets["test"], progress=progress),
-        knn_ks=config.knn_ks,
-        fewshot=config.fewshot,
-        fewshot_seeds=config.fewshot_seeds,
-        progress=progress,
+    features = evaluation_record(
+        evaluate_features(
+            embed_method(method, sets["bank"], progress=progress),
+            embed_method(method, sets["test"], progress=progress),
+            knn_ks=config.knn_ks,
+            shots=parse_shots(",".join(config.fewshot)),
+            seeds=config.fewshot_seeds,
+            progress=progress,
+        )
     )
     loss = trainer.callback_metrics.get("loss")
     record: dict[str, Any] = {

@@ -19,23 +19,24 @@ with ``"skip"``, the next image takes its place and the file is counted
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from pytorch_lightning import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from lightly_msn.transforms import CIFAR10_NORMALIZE, MSNTransform
+from lightly_msn.transforms import CIFAR10_NORMALIZE, IMAGENET_NORMALIZE, MSNTransform
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,11 @@ def build_dataset(
         data:
             ``"digits"`` (scikit-learn's bundled 8x8 digits, upsampled to ``img_size``,
             no download), ``"cifar10"`` or the path of an ImageFolder
-            (``root/<class>/<image>``). If the path contains a ``<split>``
-            sub-folder (``root/train/<class>/...``), that sub-folder is used.
+            (``root/<class>/<image>``). If the path has a ``train/`` or ``test/``
+            sub-folder (``root/train/<class>/...``), it is split: the ``<split>``
+            sub-folder is used, and a ``ValueError`` names the folder and the split
+            when that sub-folder is missing (``root/test/`` alone never becomes a
+            train set).
         split:
             ``"train"`` or ``"test"``.
         data_dir:
@@ -252,13 +256,18 @@ def _build_cifar10(
         ) from error
 
 
-def _build_image_folder(
-    path: str | Path,
-    split: str,
-    transform: Callable[[Image.Image], Any] | None,
-    on_bad_image: str,
-    min_size: int | None,
-) -> CheckedImageFolder:
+def image_folder_root(path: str | Path, split: str) -> Path:
+    """The folder whose class sub-folders ``build_dataset(path, split)`` reads.
+
+    ``path/<split>`` when ``path`` is split into ``train/`` and ``test/``
+    sub-folders, else ``path``. Reads no image, so a wrong folder fails at once.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        NotADirectoryError: If ``path`` is not a folder.
+        ValueError: If ``path`` has a ``train/`` or ``test/`` sub-folder but not
+            ``split``; the message names the folder and the split.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
@@ -267,8 +276,25 @@ def _build_image_folder(
         )
     if not root.is_dir():
         raise NotADirectoryError(f"dataset path {root} is not a folder")
-    if (root / split).is_dir():
-        root = root / split
+    present = [name for name in SPLITS if (root / name).is_dir()]
+    if not present:
+        return root
+    if split not in present:
+        raise ValueError(
+            f"dataset folder {root} is split into {present[0]}/ but has no {split}/ "
+            f"sub-folder: the {split} split is missing"
+        )
+    return root / split
+
+
+def _build_image_folder(
+    path: str | Path,
+    split: str,
+    transform: Callable[[Image.Image], Any] | None,
+    on_bad_image: str,
+    min_size: int | None,
+) -> CheckedImageFolder:
+    root = image_folder_root(path, split)
     if not any(entry.is_dir() for entry in root.iterdir()):
         raise ValueError(
             f"dataset folder {root} has no class sub-folders; expected the "
@@ -407,37 +433,6 @@ def normalization(name: str | None, img_size: int) -> dict[str, list[float]]:
             f"normalize must be one of {sorted(NORMALIZATIONS)} or None, got {name!r}"
         )
     return NORMALIZATIONS[name]
-
-
-def eval_transform(
-    img_size: int, normalize: dict[str, list[float]] | str | None = None
-) -> Callable[[Any], Tensor]:
-    """Deterministic evaluation transform: resize, centre crop, to tensor, normalise.
-
-    Images up to 64 px are resized to ``img_size``; larger ones to ``img_size *
-    256 / 224`` first (the ImageNet convention) and centre-cropped.
-
-    Args:
-        img_size:
-            Side of the square output.
-        normalize:
-            Mean and std, ``"cifar10"``, ``"imagenet"``, or ``None`` (by size).
-    """
-    from torchvision import transforms as T
-
-    if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    if not isinstance(normalize, dict):
-        normalize = normalization(normalize, img_size)
-    resize = img_size if img_size <= SMALL_IMAGE_SIZE else img_size * 256 // 224
-    return T.Compose(
-        [
-            T.Resize(resize),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(normalize["mean"], normalize["std"]),
-        ]
-    )
 
 
 class MSNDataModule(LightningDataModule):
@@ -699,13 +694,160 @@ def _check_dataset_name(dataset: str) -> None:
         raise NotADirectoryError(f"dataset path {root} is not a folder")
 
 
+def eval_transform(
+    img_size: int,
+    normalize: dict[str, list[float]] | None = IMAGENET_NORMALIZE,
+    resize: int | None = None,
+) -> Callable[[Image.Image], Any]:
+    """The deterministic evaluation transform: resize, centre crop, tensor, normalise.
+
+    Args:
+        img_size:
+            Side of the square centre crop in pixels.
+        normalize:
+            ``{"mean": [...], "std": [...]}`` per channel (e.g. ``IMAGENET_NORMALIZE``
+            or ``CIFAR10_NORMALIZE``), or ``None`` to keep values in [0, 1].
+        resize:
+            The shorter image side is resized to this before the crop; defaults to
+            ``img_size`` (the crop keeps the whole shorter side).
+
+    Returns:
+        A callable mapping a PIL image to a float32 ``(3, img_size, img_size)`` tensor.
+    """
+    from torchvision import transforms
+
+    steps: list[Callable[[Any], Any]] = [
+        transforms.Resize(resize or img_size),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+    ]
+    if normalize is not None:
+        steps.append(transforms.Normalize(normalize["mean"], normalize["std"]))
+    return transforms.Compose(steps)
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A test image file that is also a train image file.
+
+    Attributes:
+        test_file:
+            The test image.
+        train_file:
+            The train image it repeats.
+        same_file:
+            ``True`` when both are the same file (one path, a link or a hard link);
+            ``False`` when they are different files with identical bytes.
+    """
+
+    test_file: str
+    train_file: str
+    same_file: bool
+
+
+def find_overlap(train: Dataset, test: Dataset) -> list[Overlap]:
+    """The test images that are also train images: the same file or the same bytes.
+
+    Compares the image files of two image-folder datasets (their ``samples``) by file
+    identity (device and inode, which resolves links) and by a hash of the file bytes,
+    so a copy of a train image in the test folder is found too. Only files whose
+    byte size occurs in both sets are hashed. Datasets without image files (the
+    bundled digits, torchvision's CIFAR-10) are split by construction and give no
+    overlap.
+
+    Returns:
+        One ``Overlap`` per repeated test image, in the test set's order.
+    """
+    train_files = _image_files(train)
+    test_files = _image_files(test)
+    if not train_files or not test_files:
+        return []
+    train_stats = {path: os.stat(path) for path in train_files}
+    test_stats = {path: os.stat(path) for path in test_files}
+    train_by_identity = {
+        (stat.st_dev, stat.st_ino): path for path, stat in train_stats.items()
+    }
+    train_sizes = {stat.st_size for stat in train_stats.values()}
+    test_sizes = {stat.st_size for stat in test_stats.values()}
+    train_by_digest = {
+        _file_digest(path): path
+        for path, stat in train_stats.items()
+        if stat.st_size in test_sizes
+    }
+    overlaps = []
+    for path, stat in test_stats.items():
+        twin = train_by_identity.get((stat.st_dev, stat.st_ino))
+        if twin is not None:
+            overlaps.append(Overlap(path, twin, same_file=True))
+        elif stat.st_size in train_sizes:
+            twin = train_by_digest.get(_file_digest(path))
+            if twin is not None:
+                overlaps.append(Overlap(path, twin, same_file=False))
+    return overlaps
+
+
+def match_classes(dataset: Dataset, classes: Sequence[str], name: str = "test") -> None:
+    """Relabels ``dataset`` in place so that its labels index ``classes`` by name.
+
+    Label ``i`` of the result means ``classes[i]`` whatever the dataset's own class
+    order; classes of ``classes`` that the dataset lacks are fine.
+
+    Args:
+        dataset:
+            A dataset of :func:`build_dataset` (``classes`` and ``targets``
+            attributes; an image folder's ``samples`` are relabelled too).
+        classes:
+            The class names the labels must index, e.g. the train set's.
+        name:
+            What ``dataset`` is, for the error message.
+
+    Raises:
+        ValueError: If the dataset has classes that ``classes`` does not name.
+    """
+    own = list(dataset.classes)  # type: ignore[attr-defined]
+    if own == list(classes):
+        return
+    index = {class_name: i for i, class_name in enumerate(classes)}
+    unknown = [class_name for class_name in own if class_name not in index]
+    if unknown:
+        where = getattr(dataset, "root", None)
+        raise ValueError(
+            f"{name} classes {', '.join(map(repr, unknown))}"
+            + (f" of {where}" if where is not None else "")
+            + f" are not among the train classes ({', '.join(map(repr, classes))}); "
+            "labels are matched by class name"
+        )
+    relabel = [index[class_name] for class_name in own]
+    dataset.targets = [relabel[t] for t in dataset.targets]  # type: ignore[attr-defined]
+    if isinstance(dataset, ImageFolder):
+        dataset.samples = [(path, relabel[t]) for path, t in dataset.samples]
+        dataset.imgs = dataset.samples
+    dataset.classes = list(classes)  # type: ignore[attr-defined]
+    dataset.class_to_idx = dict(index)  # type: ignore[attr-defined]
+
+
+def _image_files(dataset: Dataset) -> list[str]:
+    return [path for path, _ in getattr(dataset, "samples", [])]
+
+
+def _file_digest(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return hashlib.blake2b(file.read(), digest_size=16).digest()
+
+
 __all__ = [
+    "CIFAR10_NORMALIZE",
+    "IMAGENET_NORMALIZE",
     "CheckedImageFolder",
     "DigitsDataset",
     "MSNDataModule",
+    "Overlap",
     "TransformedSubset",
     "balanced_indices",
     "build_dataset",
     "dataset_labels",
     "eval_transform",
+    "find_overlap",
+    "image_folder_root",
+    "match_classes",
 ]

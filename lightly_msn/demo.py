@@ -83,7 +83,7 @@ def demo(
     """Pretrains on the digits and returns the kNN accuracies (see ``run_demo``)."""
     from pytorch_lightning import seed_everything
 
-    from lightly_msn.data import build_dataset, eval_transform
+    from lightly_msn.data import CIFAR10_NORMALIZE, build_dataset, eval_transform
     from lightly_msn.model import ClassTokenFeatures, create_vit
     from lightly_msn.train import pretrain
 
@@ -113,12 +113,12 @@ def demo(
     )
     pretrained = ClassTokenFeatures(result.module.model.target_vit).eval()
 
-    transform = eval_transform(settings["img_size"], "cifar10")
+    to_tensor = eval_transform(settings["img_size"], CIFAR10_NORMALIZE)
     train = build_dataset(
-        "digits", "train", transform=transform, img_size=settings["img_size"]
+        "digits", "train", transform=to_tensor, img_size=settings["img_size"]
     )
     test = build_dataset(
-        "digits", "test", transform=transform, img_size=settings["img_size"]
+        "digits", "test", transform=to_tensor, img_size=settings["img_size"]
     )
     return DemoResult(
         msn_accuracy=knn_accuracy(pretrained, train, test, progress),

@@ -353,7 +353,8 @@ class MSNTransform:
 def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
     """Returns a PIL image or ``(C, H, W)`` tensor as a ``(3, H, W)`` tensor.
 
-    uint8 stays uint8, floating point stays floating point (expected in [0, 1]).
+    uint8 stays uint8, floating point stays floating point; a float tensor with
+    values outside [0, 1] (e.g. 0..255 pixels) raises a ``ValueError``.
     """
     if isinstance(image, Image.Image):
         array = np.array(image if image.mode == "RGB" else image.convert("RGB"))
@@ -373,6 +374,13 @@ def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
         raise ValueError(
             f"MSN transforms take uint8 or floating-point tensors, got {image.dtype}."
         )
+    if image.is_floating_point():
+        low, high = (float(value) for value in torch.aminmax(image))
+        if not 0.0 <= low <= high <= 1.0:  # NaN fails too
+            raise ValueError(
+                "MSN transforms take float tensors with values in [0, 1], found values "
+                f"in [{low:g}, {high:g}]; divide 0..255 pixels by 255 or pass uint8."
+            )
     return image.expand(3, -1, -1)
 
 

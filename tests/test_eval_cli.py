@@ -59,26 +59,33 @@ def test_eval_cli_end_to_end_on_real_cifar10_images(
     assert (output_dir / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_eval_cli_fewshot_larger_than_a_class_fails_clearly(tmp_path: Path) -> None:
+def test_eval_cli_fewshot_larger_than_a_class_fails_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = extract_cifar_sample(tmp_path, ("train/cat/000[0-2]*", "test/cat/0000*"))
-    with pytest.raises(ValueError, match="fewer than the 50 per class"):
-        main(
-            [
-                "eval",
-                "--timm",
-                "vit_tiny_patch16_224",
-                "--img-size",
-                "32",
-                "--train",
-                str(data / "train"),
-                "--test",
-                str(data / "test"),
-                "--fewshot",
-                "50",
-                "--output-dir",
-                str(tmp_path / "out"),
-            ]
-        )
+    code = main(
+        [
+            "eval",
+            "--timm",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--train",
+            str(data / "train"),
+            "--test",
+            str(data / "test"),
+            "--fewshot",
+            "50",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "lightly-msn eval: error: --fewshot 50: train class 'cat' has 3 images, "
+        "fewer than the 50 per class requested"
+    )
 
 
 class _CnnLike(torch.nn.Module):

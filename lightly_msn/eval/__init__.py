@@ -11,13 +11,16 @@ from lightly_msn.eval.fewshot import (
 )
 from lightly_msn.eval.knn import KNNClassifier
 from lightly_msn.eval.plots import plot_few_shot
+from lightly_msn.eval.protocols import FeatureEvaluation, evaluate_features
 from lightly_msn.eval.retrieval import RETRIEVAL_METRICS, retrieval_metrics
 
 __all__ = [
     "RETRIEVAL_METRICS",
+    "FeatureEvaluation",
     "FewShotResult",
     "KNNClassifier",
     "embed",
+    "evaluate_features",
     "few_shot_eval",
     "fit_logistic_regression",
     "parse_shots",

@@ -11,42 +11,64 @@ import argparse
 import csv
 import json
 import logging
+import os
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from lightly_msn.eval.protocols import FeatureEvaluation
 
 logger = logging.getLogger(__name__)
 
 KNN_KS = (10, 20, 100, 200)
 ALL_PROTOCOLS_SHOTS = "1,2,5,1%"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+NAMED_DATASETS = ("cifar10", "digits")  # build_dataset's data sets that are no folder
+ALLOW_OVERLAP_HINT = "pass --allow-overlap to evaluate on train images deliberately"
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments."""
-    from lightly_msn.data import build_dataset
-    from lightly_msn.eval.embed import embed
+    """Runs the evaluation described by the parsed ``lightly-msn eval`` arguments.
 
+    The parser has checked every single argument; the device, the splits and the
+    folders are checked here before the model or any image is read, the timm name
+    before the model is built, and classes, overlap and few-shot sizes before
+    anything is embedded.
+
+    Raises:
+        ValueError, OSError: For bad input, with a message that names it.
+    """
+    from lightly_msn.data import eval_transform
+    from lightly_msn.eval.embed import embed
+    from lightly_msn.eval.fewshot import parse_shots
+    from lightly_msn.eval.protocols import evaluate_features
+
+    _check_model_and_device(args)
+    _check_folders(args)
     if not (args.knn or args.retrieval or args.fewshot):
         args.knn = args.retrieval = True
-        args.fewshot = ALL_PROTOCOLS_SHOTS
+        args.fewshot = parse_shots(ALL_PROTOCOLS_SHOTS)
     model, source = _load_model(args)
     img_size = args.img_size or _model_image_size(model)
-    transform = _eval_transform(img_size)
-    train_set = build_dataset(
-        args.train, "train", transform=transform, img_size=img_size
-    )
-    test_set = build_dataset(args.test, "test", transform=transform, img_size=img_size)
-    if len(test_set) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the test set {args.test} is empty")
+    train_set, test_set = _load_datasets(args, eval_transform(img_size), img_size)
     train = embed(model, train_set, args.batch_size, args.device)
     test = embed(model, test_set, args.batch_size, args.device)
 
-    rows, details = evaluate_features(train, test, args.knn, args.retrieval, args)
-    few_shot_results = details.pop("fewshot_objects", None)
+    evaluation = evaluate_features(
+        train,
+        test,
+        knn_ks=sorted({min(k, len(train[0])) for k in KNN_KS}) if args.knn else (),
+        retrieval=args.retrieval,
+        shots=args.fewshot or (),
+        seeds=args.seeds,
+        device=args.device,
+        progress=True,
+    )
+    rows = result_rows(evaluation)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, output_dir / "results.csv")
@@ -54,76 +76,16 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "model": source,
         "train": args.train,
         "test": args.test,
+        "allow_overlap": args.allow_overlap,
+        "classes": list(train_set.classes),  # type: ignore[attr-defined]
         "img_size": img_size,
         "num_train": len(train[0]),
         "num_test": len(test[0]),
         "feature_dim": train[0].shape[1],
         "results": rows,
-        **details,
     }
-    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    if few_shot_results:
-        from lightly_msn.eval.plots import plot_few_shot
-
-        knn_top1 = [
-            row["mean"]
-            for row in rows
-            if row["protocol"] == "knn" and row["metric"] == "top1"
-        ]
-        plot_few_shot(
-            few_shot_results,
-            output_dir / "fewshot.png",
-            title=f"few-shot: {source}",
-            knn_top1=max(knn_top1) if knn_top1 else None,
-        )
-    print(format_table(rows))
-    print(f"results written to {output_dir}/")
-    return 0
-
-
-def evaluate_features(
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    knn: bool,
-    retrieval: bool,
-    args: argparse.Namespace,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Runs the selected protocols; returns table rows and JSON details."""
-    from lightly_msn.eval.fewshot import few_shot_eval, parse_shots
-    from lightly_msn.eval.knn import KNNClassifier
-    from lightly_msn.eval.retrieval import retrieval_metrics
-
-    rows: list[dict[str, Any]] = []
-    details: dict[str, Any] = {}
-    if knn:
-        ks = sorted({min(k, len(train[0])) for k in KNN_KS})
-        scores = KNNClassifier(ks=ks).fit(*train).score(*test)
-        for k in ks:
-            for metric in ("top1", "top5"):
-                rows.append(_row("knn", f"k={k}", metric, scores[f"knn_{metric}@{k}"]))
-    if retrieval:
-        for metric, value in retrieval_metrics(test[0], test[1], *train).items():
-            rows.append(_row("retrieval", "test->train", metric, value))
-    if args.fewshot:
-        results = few_shot_eval(
-            *train,
-            *test,
-            shots=parse_shots(args.fewshot),
-            seeds=args.seeds,
-            device=args.device,
-        )
-        for result in results:
-            rows.append(
-                _row(
-                    "fewshot",
-                    result.name,
-                    "top1",
-                    result.mean,
-                    result.std,
-                    len(result.accuracies),
-                )
-            )
-        details["fewshot_results"] = [
+    if evaluation.fewshot:
+        report["fewshot_results"] = [
             {
                 "shots": result.name,
                 "seeds": result.seeds,
@@ -131,10 +93,127 @@ def evaluate_features(
                 "accuracies": result.accuracies,
                 "regularizations": result.regularizations,
             }
-            for result in results
+            for result in evaluation.fewshot
         ]
-        details["fewshot_objects"] = results
-    return rows, details
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    if evaluation.fewshot:
+        from lightly_msn.eval.plots import plot_few_shot
+
+        plot_few_shot(
+            evaluation.fewshot,
+            output_dir / "fewshot.png",
+            title=f"few-shot: {source}",
+            knn_top1=max(
+                (scores["top1"] for scores in evaluation.knn.values()), default=None
+            ),
+        )
+    print(format_table(rows))
+    print(f"results written to {output_dir}/")
+    return 0
+
+
+def result_rows(evaluation: FeatureEvaluation) -> list[dict[str, Any]]:
+    """The rows of the results table: protocol, setting, metric, mean, std, runs."""
+    rows = [
+        _row("knn", f"k={k}", metric, value)
+        for k, scores in evaluation.knn.items()
+        for metric, value in scores.items()
+    ]
+    rows += [
+        _row("retrieval", "test->train", metric, value)
+        for metric, value in evaluation.retrieval.items()
+    ]
+    rows += [
+        _row(
+            "fewshot",
+            result.name,
+            "top1",
+            result.mean,
+            result.std,
+            len(result.accuracies),
+        )
+        for result in evaluation.fewshot
+    ]
+    return rows
+
+
+def _check_model_and_device(args: argparse.Namespace) -> None:
+    if args.timm_weights and not args.timm:
+        raise ValueError("--timm-weights is only used with --timm")
+    if args.device is None:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {args.device}: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _load_datasets(
+    args: argparse.Namespace, transform: Any, img_size: int
+) -> tuple[Dataset, Dataset]:
+    """The train and test sets, labelled alike by class name and checked disjoint."""
+    from lightly_msn.data import build_dataset, find_overlap, match_classes
+
+    train_set = build_dataset(
+        args.train, "train", transform=transform, img_size=img_size
+    )
+    test_set = build_dataset(args.test, "test", transform=transform, img_size=img_size)
+    match_classes(test_set, train_set.classes)  # type: ignore[attr-defined]
+    if args.allow_overlap:
+        logger.warning("--allow-overlap: test images are not checked against train")
+    elif overlaps := find_overlap(train_set, test_set):
+        first = overlaps[0]
+        relation = (
+            "the same file as"
+            if first.same_file
+            else "a file with identical content to"
+        )
+        raise ValueError(
+            f"{len(overlaps)} of {len(test_set)} test images are also train "  # type: ignore[arg-type]
+            f"images, e.g. {first.test_file} is {relation} {first.train_file}; "
+            f"{ALLOW_OVERLAP_HINT}"
+        )
+    if args.fewshot:
+        _check_few_shot_sizes(args.fewshot, train_set)
+    return train_set, test_set
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """Splits and the same folder for both sets, before any image is read."""
+    from lightly_msn.data import image_folder_root
+
+    roots = [
+        None if data in NAMED_DATASETS else image_folder_root(data, split)
+        for data, split in ((args.train, "train"), (args.test, "test"))
+    ]
+    train_root, test_root = roots
+    if args.allow_overlap or train_root is None or test_root is None:
+        return
+    if os.path.samefile(train_root, test_root):
+        raise ValueError(
+            f"--train and --test are the same folder {test_root}: every test image is "
+            f"a train image; {ALLOW_OVERLAP_HINT}"
+        )
+
+
+def _check_few_shot_sizes(shots: list[Any], train_set: Dataset) -> None:
+    """Every train class must hold the images that an int few-shot setting draws."""
+    counts: Counter[int] = Counter(train_set.targets)  # type: ignore[attr-defined]
+    classes = train_set.classes  # type: ignore[attr-defined]
+    needed = max((shot for shot in shots if isinstance(shot, int)), default=0)
+    for label, count in sorted(counts.items()):
+        if count < needed:
+            raise ValueError(
+                f"--fewshot {needed}: train class {classes[label]!r} has {count} "
+                f"images, fewer than the {needed} per class requested"
+            )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -189,6 +268,8 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
     from lightly_msn.checkpoint import timm_file_overlay
 
+    if not timm.is_model(args.timm):
+        raise ValueError(f"--timm {args.timm}: no such timm model")
     weights = getattr(args, "timm_weights", None)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if args.img_size:
@@ -206,8 +287,23 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     # (torch seeds its default generator at random per process)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+        try:
+            model = timm.create_model(args.timm, pretrained=bool(weights), **kwargs)
+        except Exception as error:
+            if not weights:
+                raise
+            raise _unloadable_weights(weights, args.timm, error) from None
     return model, f"timm:{args.timm}" + ("" if weights else " (random init)")
+
+
+def _unloadable_weights(path: str, model_name: str, error: Exception) -> ValueError:
+    from lightly_msn.checkpoint import describe_unloadable
+
+    return ValueError(
+        f"--timm-weights {path}: expected weights of the timm model {model_name} "
+        f"(safetensors, a PyTorch state dict or a JAX .npz), found "
+        f"{describe_unloadable(path, error)}"
+    )
 
 
 def _model_image_size(model: nn.Module) -> int:
@@ -217,16 +313,3 @@ def _model_image_size(model: nn.Module) -> int:
         if size is not None and not isinstance(module, nn.Identity):
             return int(size[0] if isinstance(size, (tuple, list)) else size)
     return 224
-
-
-def _eval_transform(img_size: int) -> Any:
-    from torchvision import transforms
-
-    return transforms.Compose(
-        [
-            transforms.Resize(img_size),
-            transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )

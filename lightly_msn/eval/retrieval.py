@@ -52,6 +52,9 @@ def retrieval_metrics(
     Returns:
         ``{metric: value in percent}``. Queries whose class has no reference are
         left out, as pytorch-metric-learning does.
+
+    Raises:
+        ValueError: If no query has a reference of its class (nothing to score).
     """
     unknown = set(metrics) - set(RETRIEVAL_METRICS)
     if unknown or not metrics:
@@ -69,6 +72,7 @@ def retrieval_metrics(
         knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
     )
     if reference_features is None or reference_labels is None:
+        _check_some_query_has_references(query_labels, None)
         result = calculator.get_accuracy(queries, query_labels)
     else:
         references = _normalized(reference_features, "reference features")
@@ -80,10 +84,40 @@ def retrieval_metrics(
                 f"reference features have dimension {references.shape[1]}, queries "
                 f"{queries.shape[1]}"
             )
+        _check_some_query_has_references(query_labels, reference_labels)
         result = calculator.get_accuracy(
             queries, query_labels, references, reference_labels
         )
     return {name: 100.0 * float(result[name]) for name in metrics}
+
+
+def _check_some_query_has_references(
+    query_labels: Tensor, reference_labels: Tensor | None
+) -> None:
+    query_classes = torch.unique(query_labels).tolist()
+    if reference_labels is None:
+        classes, counts = torch.unique(query_labels, return_counts=True)
+        if int(counts.max()) < 2:
+            raise ValueError(
+                f"every query class ({len(classes)} classes) has one query each; "
+                "searched among themselves without self-matches, no query has a "
+                "reference of its class"
+            )
+        return
+    bank_classes = torch.unique(reference_labels).tolist()
+    if not set(query_classes) & set(bank_classes):
+        raise ValueError(
+            f"none of the query classes {_ids(query_classes)} occurs in the reference "
+            f"bank (bank classes {_ids(bank_classes)}); no query has a reference of "
+            "its class"
+        )
+
+
+def _ids(classes: list[int], shown: int = 20) -> str:
+    """``[0, 1, ...]`` with at most ``shown`` class ids."""
+    if len(classes) <= shown:
+        return str(classes)
+    return str(classes[:shown])[:-1] + f", ... ({len(classes)} classes)]"
 
 
 def _normalized(features: Tensor, name: str) -> Tensor:

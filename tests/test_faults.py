@@ -1,0 +1,459 @@
+"""Nothing lost, nothing silently wrong: every known fault gets a clear error.
+
+Each test feeds the package an input that once produced a wrong number, a crash deep
+inside a dependency or an unsafe hint, and checks the error that replaces it: its
+type or exit code and that its message names what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightly_msn.cli import main
+from lightly_msn.data import build_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder: Path, counts: dict[str, int], level: int = 128) -> None:
+    """Writes ``counts[name]`` distinct 16x16 noise PNGs to ``folder/<name>/``.
+
+    Every file gets its own noise (seeded by its folder, class and index), so no two
+    files are equal byte for byte; ``level`` sets the mean brightness.
+    """
+    for name, count in counts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            path = folder / name / f"{index}.png"
+            seed = zlib.crc32(f"{folder.name}/{name}/{index}/{level}".encode())
+            noise = np.random.default_rng(seed).integers(-8, 9, size=(16, 16, 3))
+            array = np.clip(level + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(array).save(path)
+
+
+def run_eval(
+    arguments: Sequence[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: Sequence[str] = ("--timm", "vit_tiny_patch16_224"),
+) -> tuple[int, str, str]:
+    """Runs ``lightly-msn eval`` in-process; returns (exit code, stdout, stderr)."""
+    argv = [
+        "eval",
+        *model,
+        "--img-size",
+        "16",
+        "--knn",
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(tmp_path / "out"),
+        *arguments,
+    ]
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_eval_on_train_and_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], *arguments: str
+) -> tuple[int, str, str]:
+    """``run_eval`` on the folders ``tmp_path/train`` and ``tmp_path/test``."""
+    folders = ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test")]
+    return run_eval([*folders, *arguments], tmp_path, capsys)
+
+
+def error_line(stderr: str) -> str:
+    """The last line of ``stderr``, checked to be the eval command's error line."""
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("lightly-msn eval: error: "), stderr
+    return line
+
+
+# --- evaluation data: splits -------------------------------------------------------
+
+
+def test_eval_with_a_missing_test_split_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    write_images(data / "train", {"cat": 3, "dog": 3})
+    (data / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    code, out, err = run_eval(
+        ["--train", str(data), "--test", str(data)], tmp_path, capsys
+    )
+    assert code == 2
+    line = error_line(err)
+    assert str(data) in line and "test/" in line
+    assert "broken.png" not in err  # found before any image is read
+    assert "top1" not in out
+
+
+def test_build_dataset_does_not_train_on_the_test_split(tmp_path: Path) -> None:
+    write_images(tmp_path / "test", {"cat": 2})
+    with pytest.raises(ValueError, match="no train/") as error_info:
+        build_dataset(str(tmp_path), "train")
+    assert str(tmp_path) in str(error_info.value)
+    assert len(build_dataset(str(tmp_path), "test")) == 2
+
+
+# --- evaluation data: train images in the test set ---------------------------------
+
+
+def test_eval_on_the_same_folder_is_an_error_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    write_images(data, {"cat": 3, "dog": 3})
+    arguments = ["--train", str(data), "--test", str(data)]
+    broken = data / "cat" / "broken.png"
+    broken.write_bytes(b"not a png")
+    code, out, err = run_eval(arguments, tmp_path, capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "same folder" in line and str(data) in line and "--allow-overlap" in line
+    assert "broken.png" not in err  # found before any image is read
+    assert "top1" not in out
+    broken.unlink()
+
+    code, out, _ = run_eval([*arguments, "--allow-overlap"], tmp_path, capsys)
+    assert code == 0 and "top1" in out
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["allow_overlap"] is True
+
+
+def test_eval_with_a_copy_of_a_train_image_in_the_test_set_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_images(tmp_path / "train", {"cat": 3, "dog": 3}, level=60)
+    write_images(tmp_path / "test", {"cat": 2, "dog": 2}, level=200)
+    copy = tmp_path / "test" / "dog" / "renamed.png"
+    shutil.copy(tmp_path / "train" / "cat" / "1.png", copy)
+    code, out, err = run_eval_on_train_and_test(tmp_path, capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "1 of 5 test images" in line and str(copy) in line
+    assert str(tmp_path / "train" / "cat" / "1.png") in line
+    assert "identical content" in line and "top1" not in out
+
+
+def test_eval_with_a_link_to_a_train_image_in_the_test_set_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_images(tmp_path / "train", {"cat": 2, "dog": 2}, level=60)
+    write_images(tmp_path / "test", {"cat": 2}, level=200)
+    link = tmp_path / "test" / "cat" / "link.png"
+    os.symlink(tmp_path / "train" / "dog" / "0.png", link)
+    code, _, err = run_eval_on_train_and_test(tmp_path, capsys)
+    assert code == 2
+    line = error_line(err)
+    assert str(link) in line and "the same file as" in line
+
+
+# --- evaluation data: class names ---------------------------------------------------
+
+
+def test_eval_matches_test_labels_to_train_labels_by_class_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train classes ant (dark), bee (mid), cow (bright); the test set has only bee
+    # and cow, which sorted-index matching would label as ant and bee
+    for name, level in [("ant", 20), ("bee", 128), ("cow", 235)]:
+        write_images(tmp_path / "train", {name: 4}, level=level)
+    for name, level in [("bee", 128), ("cow", 235)]:
+        write_images(tmp_path / "test", {name: 3}, level=level)
+    code, _, err = run_eval_on_train_and_test(tmp_path, capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    top1 = {
+        row["setting"]: row["mean"]
+        for row in report["results"]
+        if row["metric"] == "top1"
+    }
+    # k=10: most of the 12 train images vote, but the nearest (same brightness)
+    # dominate the exp(similarity / 0.07) weights
+    assert top1["k=10"] == 100.0  # sorted-index matching: 0.0
+    assert report["classes"] == ["ant", "bee", "cow"]
+
+
+def test_eval_with_a_test_class_unknown_to_the_train_set_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_images(tmp_path / "train", {"cat": 2, "dog": 2}, level=60)
+    write_images(tmp_path / "test", {"bird": 1, "cat": 1, "emu": 1}, level=200)
+    code, _, err = run_eval_on_train_and_test(tmp_path, capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "'bird', 'emu'" in line and str(tmp_path / "test") in line
+
+
+# --- checkpoints -------------------------------------------------------------------
+
+
+class _NotWeights:
+    """An object that only a full (code-running) unpickler would rebuild."""
+
+
+def _write_bad_checkpoint(path: Path, kind: str) -> None:
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif kind == "text":
+        path.write_text("model: vit_small\nepochs: 100\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "plain state dict":
+        torch.save({"weight": torch.zeros(2)}, path)
+    elif kind == "python object":
+        torch.save(_NotWeights(), path)
+    elif kind == "foreign safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.zeros(2)}, str(path))
+    elif kind == "foreign lightning":
+        torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, path)
+
+
+BAD_CHECKPOINTS = [
+    ("random bytes", ".ckpt", "binary data"),
+    ("text", ".ckpt", "a text file starting with 'model: vit_small"),
+    ("empty", ".ckpt", "an empty file"),
+    ("plain state dict", ".ckpt", "a dict of weights without 'state_dict'"),
+    ("python object", ".ckpt", "_NotWeights); not loaded"),
+    ("foreign lightning", ".ckpt", "without the 'lightly_msn' entry"),
+    ("foreign safetensors", ".safetensors", "without 'lightly_msn' metadata"),
+    ("random bytes", ".safetensors", "binary data"),
+    ("text", ".safetensors", "a text file"),
+    ("foreign safetensors", ".ckpt", "a safetensors file"),
+]
+
+
+@pytest.mark.parametrize(("kind", "suffix", "found"), BAD_CHECKPOINTS)
+def test_a_bad_checkpoint_gives_one_line_naming_file_expected_and_found(
+    tmp_path: Path, kind: str, suffix: str, found: str
+) -> None:
+    from lightly_msn.checkpoint import load_backbone_vit
+
+    path = tmp_path / f"model{suffix}"
+    _write_bad_checkpoint(path, kind)
+    with pytest.raises(ValueError) as error_info:
+        load_backbone_vit(path)
+    message = str(error_info.value)
+    assert "\n" not in message
+    assert str(path) in message and "expected" in message and found in message
+    # not even in the traceback: torch's refusal advises loading unsafely
+    printed = "".join(traceback.format_exception(error_info.value))
+    assert "weights_only" not in printed and "trust" not in printed
+
+
+def test_read_checkpoint_returns_the_checkpoint_or_names_the_problem(
+    tmp_path: Path,
+) -> None:
+    from lightly_msn.checkpoint import METADATA_KEY, read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, METADATA_KEY: {"x": 1}}, path)
+    assert read_checkpoint(path)[METADATA_KEY] == {"x": 1}
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    _write_bad_checkpoint(path, "python object")
+    with pytest.raises(ValueError, match="not loaded: unpickling it could run code"):
+        read_checkpoint(path)
+
+
+def test_console_script_reports_a_corrupt_checkpoint_in_one_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.ckpt"
+    _write_bad_checkpoint(path, "random bytes")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightly_msn",
+            "eval",
+            "--checkpoint",
+            str(path),
+            "--train",
+            "digits",
+            "--test",
+            "digits",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"lightly-msn eval: error: checkpoint {path}: expected a Lightning checkpoint "
+        "written by lightly-msn pretrain, found binary data that is neither a torch "
+        "checkpoint nor a safetensors file"
+    ]
+
+
+def test_corrupt_timm_weights_give_one_line_without_unsafe_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "weights.pth"
+    _write_bad_checkpoint(weights, "random bytes")
+    data = tmp_path / "data"
+    write_images(data / "train", {"cat": 2})
+    write_images(data / "test", {"cat": 2}, level=30)
+    code, _, err = run_eval(
+        ["--train", str(data), "--test", str(data)],
+        tmp_path,
+        capsys,
+        model=("--timm", "vit_tiny_patch16_224", "--timm-weights", str(weights)),
+    )
+    assert code == 2
+    line = error_line(err)
+    assert str(weights) in line and "binary data" in line
+    assert "weights_only" not in err
+
+
+# --- command line arguments ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--fewshot", "abc"], "--fewshot"),
+        (["--fewshot", "0"], "--fewshot"),
+        (["--fewshot", "1,150%"], "--fewshot"),
+        (["--seeds", "0"], "--seeds"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--img-size", "0"], "--img-size"),
+        (["--img-size", "big"], "--img-size"),
+        (["--output-dir", "{file}"], "--output-dir"),
+        (["--output-dir", "{file}/sub"], "--output-dir"),
+        (["--train", "{missing}"], "--train"),
+        (["--test", "{missing}"], "--test"),
+        (["--checkpoint", "{missing}"], "--checkpoint"),
+        (["--timm-weights", "{missing}"], "--timm-weights"),
+        (["--device", "gpu0"], "--device"),
+        (["--timm", "no_such_model_name"], "no_such_model_name"),
+    ],
+)
+def test_eval_arguments_are_checked_before_any_data_or_model_is_read(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+    named: str,
+) -> None:
+    # every later step would fail too, with another message: the checkpoint is
+    # corrupt and an image file is broken
+    data = tmp_path / "data"
+    write_images(data / "train", {"cat": 2})
+    write_images(data / "test", {"cat": 2}, level=30)
+    (data / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    checkpoint = tmp_path / "corrupt.ckpt"
+    checkpoint.write_bytes(b"\x00" * 64)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    values = {"file": str(file), "missing": str(tmp_path / "missing")}
+    arguments = [argument.format(**values) for argument in arguments]
+    model = ["--checkpoint", str(checkpoint)]
+    if "--timm" in arguments or "--timm-weights" in arguments:
+        model = [] if "--timm" in arguments else ["--timm", "vit_tiny_patch16_224"]
+    defaults = {"--train": str(data), "--test": str(data)}
+    for option, value in defaults.items():
+        if option not in arguments:
+            arguments += [option, value]
+    code, out, err = run_eval(arguments, tmp_path, capsys, model=model)
+    assert code == 2
+    line = error_line(err)
+    assert named in line
+    assert "broken.png" not in err and "corrupt.ckpt" not in err
+    assert out == ""
+
+
+def test_errors_after_the_arguments_are_one_line_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_images(tmp_path / "train", {"cat": 3, "dog": 3}, level=60)
+    write_images(tmp_path / "test", {"cat": 1}, level=200)
+    code, _, err = run_eval_on_train_and_test(tmp_path, capsys, "--fewshot", "5")
+    assert code == 2
+    assert "fewer than the 5 per class" in error_line(err)
+
+
+REQUIRED_EVAL_OPTIONS = ("--train TRAIN", "--test TEST")
+
+
+def test_every_eval_option_has_a_description_and_shows_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries: list[str] = []
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif entries:
+            entries[-1] += " " + line.strip()
+    assert len(entries) == 15
+    for entry in entries:
+        if entry.startswith("  -h, --help"):
+            continue
+        match = re.fullmatch(
+            r"((?:-{1,2}[\w-]+(?: [A-Z_]+)?(?:, )?)+)\s+(.*)", entry.strip()
+        )
+        assert match, entry
+        flags, description = match.groups()
+        assert description.strip(), f"{flags} has no description"
+        shown = "(required)" if flags in REQUIRED_EVAL_OPTIONS else "(default: "
+        assert shown in description, f"{flags} shows no default"
+
+
+# --- transforms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform_name", ["MSNTransform", "MSNViewTransform"])
+def test_msn_transforms_reject_float_images_outside_0_1(transform_name: str) -> None:
+    from lightly_msn import transforms
+
+    transform = getattr(transforms, transform_name)()
+    pixels = torch.arange(3 * 40 * 40, dtype=torch.float32).reshape(3, 40, 40) % 256
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*found values in \[0, 255\]"):
+        transform(pixels)
+    transform(pixels / 255)  # accepted: float in [0, 1]
+    transform(pixels.to(torch.uint8))  # accepted: uint8
+    transform(Image.fromarray(pixels.permute(1, 2, 0).numpy().astype(np.uint8)))
+
+
+# --- evaluation protocols ------------------------------------------------------------
+
+
+def test_retrieval_without_any_query_class_in_the_bank_is_a_clear_error() -> None:
+    from lightly_msn.eval.retrieval import retrieval_metrics
+
+    queries = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"query classes \[5, 6\].*bank classes"):
+        retrieval_metrics(
+            queries,
+            torch.tensor([5, 5, 6, 6]),
+            torch.randn(3, 3),
+            torch.tensor([0, 1, 1]),
+        )
+    with pytest.raises(ValueError, match="one query each"):
+        retrieval_metrics(queries, torch.tensor([0, 1, 2, 3]))
