@@ -1,0 +1,711 @@
+"""Batched multi-view augmentation on the images' own device (CPU or CUDA).
+
+One call augments a whole batch: every image gets all the views of a
+self-supervised method (MSN, DINO, iBOT, SimCLR, BYOL, MAE), each view with its
+own random parameters, as plain torch tensor operations on the device the images
+are on. No PIL, no per-image Python work, so it can run on the training GPU
+after a loader that only decodes, or in a CPU loader worker once per batch.
+
+The augmentations are those of lightly's transforms, which follow the papers'
+recipes (SimCLR [0], BYOL [1], DINO [2], MSN [3], iBOT [4], MAE [5]), with
+torchvision's parameter distributions:
+
+- random resized crop: ``RandomResizedCrop.get_params`` (area uniform in
+  ``crop_scale``, log-uniform aspect ratio, 10 attempts, then the centre crop at
+  the closest allowed ratio), resampled with torch's antialiased bilinear or
+  bicubic filter (what ``torchvision.transforms.v2.functional.resized_crop`` with
+  ``antialias=True`` computes, and PIL's ``resize``);
+- horizontal and vertical flips;
+- colour jitter with probability ``jitter_prob``: brightness, contrast,
+  saturation and hue factors as ``ColorJitter.get_params`` draws them, the four
+  operations in a random order per view;
+- random grayscale; Gaussian blur with a sigma uniform in ``blur_sigmas``;
+  solarisation (PIL's threshold 128 of 255); normalisation.
+
+Random parameters are drawn on the CPU from one ``torch.Generator``; pixels
+never leave their device, and no operation waits for the device (the shapes
+and selections the kernels need are known on the CPU).
+
+Numerical differences from lightly's PIL pipeline (distributions are equal):
+colour operations run in float32 on the resampled view where PIL rounds to
+uint8 after each step; the hue shift is the exact HSV rotation (PIL quantises
+hue to 256 levels); the blur is an exact Gaussian truncated at
+``3 * max(blur_sigmas)`` with reflected borders, where PIL approximates it by
+box blurs.
+
+- [0]: SimCLR, 2020, https://arxiv.org/abs/2002.05709
+- [1]: BYOL, 2020, https://arxiv.org/abs/2006.07733
+- [2]: DINO, 2021, https://arxiv.org/abs/2104.14294
+- [3]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
+- [4]: iBOT, 2022, https://arxiv.org/abs/2111.07832
+- [5]: MAE, 2022, https://arxiv.org/abs/2111.06377
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+import torch
+import torch.nn.functional as F
+from lightly.transforms.utils import IMAGENET_NORMALIZE
+from torch import Tensor
+
+from lightly_msn.transforms import (
+    CIFAR10_NORMALIZE,
+    _apply_where,
+    _color_jitter,
+    _gaussian_blur,
+    _grayscale,
+    _sample_crop_boxes,
+)
+
+Interpolation = Literal["bilinear", "bicubic"]
+Normalize = dict[str, list[float]]
+
+_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize default, used by lightly
+_IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_NORMALIZE["mean"])
+_IMAGENET_STD: tuple[float, ...] = tuple(IMAGENET_NORMALIZE["std"])
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Augmentation of one group of views of the same size.
+
+    Every field is a torchvision / lightly parameter of the same meaning; the
+    colour-jitter strengths are final (lightly's ``cj_strength * cj_bright``).
+
+    Args:
+        size: Side of the square output views in pixels.
+        num_views: Number of views of each image made with this spec.
+        crop_scale: Min and max area of the crop relative to the image.
+        crop_ratio: Min and max aspect ratio (width / height) of the crop,
+            sampled log-uniformly.
+        interpolation: Antialiased ``"bilinear"`` or ``"bicubic"`` resampling.
+        hflip_prob: Probability of a horizontal flip.
+        vflip_prob: Probability of a vertical flip.
+        jitter_prob: Probability that colour jitter is applied.
+        brightness: Brightness factor range ``[max(0, 1 - x), 1 + x]``.
+        contrast: Contrast factor range ``[max(0, 1 - x), 1 + x]``.
+        saturation: Saturation factor range ``[max(0, 1 - x), 1 + x]``.
+        hue: Hue shift range ``[-x, x]`` in turns, ``x <= 0.5``.
+        grayscale_prob: Probability of conversion to grayscale.
+        blur_prob: Probability of a Gaussian blur.
+        blur_sigmas: Min and max standard deviation of the blur, in output pixels.
+        solarize_prob: Probability of solarisation (values >= 128/255 inverted).
+        mean: Per-channel mean subtracted at the end, or ``None`` (with ``std``)
+            to return values in [0, 1].
+        std: Per-channel standard deviation divided by at the end, or ``None``.
+    """
+
+    size: int
+    num_views: int = 1
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: Interpolation = "bilinear"
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    jitter_prob: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigmas: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    mean: tuple[float, ...] | None = _IMAGENET_MEAN
+    std: tuple[float, ...] | None = _IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"ViewSpec: {message}")
+
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            fail(f"size must be an int, got {self.size!r}.")
+        if self.size < 1:
+            fail(f"size must be >= 1, got {self.size}.")
+        if isinstance(self.num_views, bool) or not isinstance(self.num_views, int):
+            fail(f"num_views must be an int, got {self.num_views!r}.")
+        if self.num_views < 1:
+            fail(f"num_views must be >= 1, got {self.num_views}.")
+        if len(self.crop_scale) != 2 or not (
+            0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0
+        ):
+            fail(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}.")
+        if len(self.crop_ratio) != 2 or not (
+            0.0 < self.crop_ratio[0] <= self.crop_ratio[1]
+        ):
+            fail(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}.")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            fail(
+                "interpolation must be 'bilinear' or 'bicubic', got "
+                f"{self.interpolation!r}."
+            )
+        for name in (
+            "hflip_prob",
+            "vflip_prob",
+            "jitter_prob",
+            "grayscale_prob",
+            "blur_prob",
+            "solarize_prob",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                fail(f"{name} is a probability in [0, 1], got {value}.")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if value < 0:
+                fail(f"{name} must be >= 0, got {value}.")
+        if not 0.0 <= self.hue <= 0.5:
+            fail(f"hue must be in [0, 0.5], got {self.hue}.")
+        if len(self.blur_sigmas) != 2 or not (
+            0.0 < self.blur_sigmas[0] <= self.blur_sigmas[1]
+        ):
+            fail(f"blur_sigmas must satisfy 0 < min <= max, got {self.blur_sigmas}.")
+        if (self.mean is None) != (self.std is None):
+            fail("mean and std must both be given or both be None.")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != 3 or len(self.std) != 3:
+                fail(
+                    f"mean and std need 3 values each, got {self.mean} and {self.std}."
+                )
+            if min(self.std) <= 0:
+                fail(f"std values must be > 0, got {self.std}.")
+
+
+class DeviceMultiViewTransform:
+    """Augments a batch of images into several groups of views, on their device.
+
+    ``transform(images, generator=None)`` takes a uint8 batch ``(B, 3, H, W)``
+    (any device, any memory format) or a list of uint8 ``(3, H_i, W_i)`` images
+    of different sizes on one device, and returns one float32 tensor
+    ``(B, 3, size, size)`` per view, in the order of the specs (all views of the
+    first spec, then of the second, ...), which is the order of lightly's
+    multi-view transforms. Each view of each image has its own random
+    parameters, drawn on the CPU from ``generator`` (torch's global generator if
+    ``None``): the same seed gives bit-identical views on the same device.
+
+    The presets :meth:`msn`, :meth:`dino`, :meth:`ibot`, :meth:`simclr`,
+    :meth:`byol` and :meth:`mae` take the arguments of lightly's transforms;
+    :meth:`for_small_images` scales any of them to 32 px images.
+
+    Computation stays in float32 under autocast. Crops are resized one by one
+    with torch's antialiased kernel (on the CPU from uint8, elsewhere from
+    float32), everything else runs on all views of a spec at once.
+
+    Args:
+        specs: The view groups, in output order.
+    """
+
+    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+        specs = list(specs)
+        if not specs:
+            raise ValueError("DeviceMultiViewTransform: specs must not be empty.")
+        for index, spec in enumerate(specs):
+            if not isinstance(spec, ViewSpec):
+                raise TypeError(
+                    f"DeviceMultiViewTransform: specs[{index}] must be a ViewSpec, "
+                    f"got {type(spec).__name__}."
+                )
+        self.specs: tuple[ViewSpec, ...] = tuple(specs)
+
+    @property
+    def num_views(self) -> int:
+        """Number of output views per image."""
+        return sum(spec.num_views for spec in self.specs)
+
+    def __repr__(self) -> str:
+        specs = ",\n    ".join(repr(spec) for spec in self.specs)
+        return f"{type(self).__name__}([\n    {specs},\n])"
+
+    def __call__(
+        self,
+        images: Tensor | Sequence[Tensor],
+        generator: torch.Generator | None = None,
+    ) -> list[Tensor]:
+        """Returns the views ``[(B, 3, size, size), ...]`` of ``images``."""
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(
+                "DeviceMultiViewTransform: random parameters are drawn on the CPU, "
+                f"pass a CPU generator (got one on {generator.device})."
+            )
+        sources = _crop_sources(images)
+        views: list[Tensor] = []
+        with torch.autocast(sources[0].device.type, enabled=False):
+            for spec in self.specs:
+                views.extend(_augment_group(spec, sources, generator).unbind(0))
+        return views
+
+    def for_small_images(
+        self,
+        size: int = 32,
+        local_size: int = 16,
+        normalize: Normalize | None = CIFAR10_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """The same views scaled to small images such as CIFAR-10's 32 x 32.
+
+        As ``lightly_msn.MSNTransform.for_cifar10``: the largest views become
+        ``size`` px, all others ``local_size`` px, Gaussian blur is off (a blur
+        of up to 2 px erases most of a 32 px image) and ``normalize`` replaces
+        the normalisation (CIFAR-10's statistics by default).
+        """
+        largest = max(spec.size for spec in self.specs)
+        return type(self)(
+            [
+                dataclasses.replace(
+                    spec,
+                    size=size if spec.size == largest else local_size,
+                    blur_prob=0.0,
+                    **_normalization(normalize),
+                )
+                for spec in self.specs
+            ]
+        )
+
+    @classmethod
+    def msn(
+        cls,
+        random_size: int = 224,
+        focal_size: int = 96,
+        random_views: int = 2,
+        focal_views: int = 10,
+        random_crop_scale: tuple[float, float] = (0.3, 1.0),
+        focal_crop_scale: tuple[float, float] = (0.05, 0.3),
+        cj_prob: float = 0.8,
+        cj_strength: float = 1.0,
+        cj_bright: float = 0.8,
+        cj_contrast: float = 0.8,
+        cj_sat: float = 0.8,
+        cj_hue: float = 0.2,
+        gaussian_blur: float = 0.5,
+        sigmas: tuple[float, float] = (0.1, 2.0),
+        random_gray_scale: float = 0.2,
+        hf_prob: float = 0.5,
+        vf_prob: float = 0.0,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``MSNTransform``: random views, then focal views [3].
+
+        Same arguments and defaults. As ``lightly_msn.MSNTransform``, the focal
+        views honour the ``cj_*`` arguments too (lightly's keep the defaults).
+        """
+        random = ViewSpec(
+            size=random_size,
+            crop_scale=random_crop_scale,
+            hflip_prob=hf_prob,
+            vflip_prob=vf_prob,
+            grayscale_prob=random_gray_scale,
+            blur_prob=gaussian_blur,
+            blur_sigmas=sigmas,
+            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
+            **_normalization(normalize),
+        )
+        focal = dataclasses.replace(
+            random, size=focal_size, crop_scale=focal_crop_scale
+        )
+        return cls(
+            [
+                dataclasses.replace(spec, num_views=count)
+                for spec, count in [(random, random_views), (focal, focal_views)]
+                if count > 0
+            ]
+        )
+
+    @classmethod
+    def dino(
+        cls,
+        global_crop_size: int = 224,
+        global_crop_scale: tuple[float, float] = (0.4, 1.0),
+        local_crop_size: int = 96,
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        n_local_views: int = 6,
+        hf_prob: float = 0.5,
+        vf_prob: float = 0.0,
+        cj_prob: float = 0.8,
+        cj_strength: float = 0.5,
+        cj_bright: float = 0.8,
+        cj_contrast: float = 0.8,
+        cj_sat: float = 0.4,
+        cj_hue: float = 0.2,
+        random_gray_scale: float = 0.2,
+        gaussian_blur: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        sigmas: tuple[float, float] = (0.1, 2.0),
+        solarization_prob: float = 0.2,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``DINOTransform`` [2] (without its off-by-default rotation).
+
+        Two global views (the first always blurred by default, the second
+        rarely blurred and solarised with ``solarization_prob``), then
+        ``n_local_views`` local views; bicubic resampling. ``cj_strength``
+        applies to all views (lightly's second global view ignores it and keeps
+        0.5, the default).
+        """
+        first_global = ViewSpec(
+            size=global_crop_size,
+            crop_scale=global_crop_scale,
+            interpolation="bicubic",
+            hflip_prob=hf_prob,
+            vflip_prob=vf_prob,
+            grayscale_prob=random_gray_scale,
+            blur_prob=gaussian_blur[0],
+            blur_sigmas=sigmas,
+            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
+            **_normalization(normalize),
+        )
+        return cls(
+            _dino_views(
+                first_global,
+                gaussian_blur[1:],
+                solarization_prob,
+                (local_crop_size, local_crop_scale, n_local_views),
+            )
+        )
+
+    @classmethod
+    def ibot(
+        cls,
+        global_crop_size: int = 224,
+        global_crop_scale: tuple[float, float] = (0.25, 1.0),
+        local_crop_size: int = 96,
+        local_crop_scale: tuple[float, float] = (0.05, 0.25),
+        n_local_views: int = 10,
+        hf_prob: float = 0.5,
+        cj_prob: float = 0.8,
+        cj_strength: float = 0.5,
+        cj_bright: float = 0.8,
+        cj_contrast: float = 0.8,
+        cj_sat: float = 0.4,
+        cj_hue: float = 0.2,
+        random_gray_scale: float = 0.2,
+        gaussian_blur: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        sigmas: tuple[float, float] = (0.1, 2.0),
+        solarization_prob: float = 0.2,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``IBOTTransform`` [4]: DINO's views with iBOT's defaults."""
+        first_global = ViewSpec(
+            size=global_crop_size,
+            crop_scale=global_crop_scale,
+            interpolation="bicubic",
+            hflip_prob=hf_prob,
+            grayscale_prob=random_gray_scale,
+            blur_prob=gaussian_blur[0],
+            blur_sigmas=sigmas,
+            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
+            **_normalization(normalize),
+        )
+        return cls(
+            _dino_views(
+                first_global,
+                gaussian_blur[1:],
+                solarization_prob,
+                (local_crop_size, local_crop_scale, n_local_views),
+            )
+        )
+
+    @classmethod
+    def simclr(
+        cls,
+        input_size: int = 224,
+        cj_prob: float = 0.8,
+        cj_strength: float = 1.0,
+        cj_bright: float = 0.8,
+        cj_contrast: float = 0.8,
+        cj_sat: float = 0.8,
+        cj_hue: float = 0.2,
+        min_scale: float = 0.08,
+        random_gray_scale: float = 0.2,
+        gaussian_blur: float = 0.5,
+        sigmas: tuple[float, float] = (0.1, 2.0),
+        vf_prob: float = 0.0,
+        hf_prob: float = 0.5,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``SimCLRTransform`` [0]: two views of one distribution."""
+        views = ViewSpec(
+            size=input_size,
+            num_views=2,
+            crop_scale=(min_scale, 1.0),
+            hflip_prob=hf_prob,
+            vflip_prob=vf_prob,
+            grayscale_prob=random_gray_scale,
+            blur_prob=gaussian_blur,
+            blur_sigmas=sigmas,
+            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
+            **_normalization(normalize),
+        )
+        return cls([views])
+
+    @classmethod
+    def byol(
+        cls,
+        input_size: int = 224,
+        cj_prob: float = 0.8,
+        cj_strength: float = 1.0,
+        cj_bright: float = 0.4,
+        cj_contrast: float = 0.4,
+        cj_sat: float = 0.2,
+        cj_hue: float = 0.1,
+        min_scale: float = 0.08,
+        random_gray_scale: float = 0.2,
+        gaussian_blur: tuple[float, float] = (1.0, 0.1),
+        solarization_prob: tuple[float, float] = (0.0, 0.2),
+        sigmas: tuple[float, float] = (0.1, 2.0),
+        vf_prob: float = 0.0,
+        hf_prob: float = 0.5,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``BYOLTransform`` [1] with its default view transforms.
+
+        Two views that differ in blur and solarisation probability: one per
+        entry of ``gaussian_blur`` and ``solarization_prob`` (lightly's
+        ``BYOLView1Transform`` and ``BYOLView2Transform`` defaults).
+        """
+        first = ViewSpec(
+            size=input_size,
+            crop_scale=(min_scale, 1.0),
+            hflip_prob=hf_prob,
+            vflip_prob=vf_prob,
+            grayscale_prob=random_gray_scale,
+            blur_prob=gaussian_blur[0],
+            blur_sigmas=sigmas,
+            solarize_prob=solarization_prob[0],
+            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
+            **_normalization(normalize),
+        )
+        second = dataclasses.replace(
+            first, blur_prob=gaussian_blur[1], solarize_prob=solarization_prob[1]
+        )
+        return cls([first, second])
+
+    @classmethod
+    def mae(
+        cls,
+        input_size: int = 224,
+        min_scale: float = 0.2,
+        normalize: Normalize | None = IMAGENET_NORMALIZE,
+    ) -> DeviceMultiViewTransform:
+        """lightly's ``MAETransform`` [5]: one bicubic crop, flipped half the time."""
+        view = ViewSpec(
+            size=input_size,
+            crop_scale=(min_scale, 1.0),
+            interpolation="bicubic",
+            **_normalization(normalize),
+        )
+        return cls([view])
+
+
+class _Jitter(TypedDict):
+    jitter_prob: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+class _Normalization(TypedDict):
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def _jitter(
+    cj_prob: float,
+    cj_strength: float,
+    cj_bright: float,
+    cj_contrast: float,
+    cj_sat: float,
+    cj_hue: float,
+) -> _Jitter:
+    """lightly's colour-jitter arguments as :class:`ViewSpec` fields."""
+    return _Jitter(
+        jitter_prob=cj_prob,
+        brightness=cj_strength * cj_bright,
+        contrast=cj_strength * cj_contrast,
+        saturation=cj_strength * cj_sat,
+        hue=cj_strength * cj_hue,
+    )
+
+
+def _normalization(normalize: Normalize | None) -> _Normalization:
+    """lightly's ``normalize`` dictionary as :class:`ViewSpec` fields."""
+    if normalize is None:
+        return _Normalization(mean=None, std=None)
+    return _Normalization(mean=tuple(normalize["mean"]), std=tuple(normalize["std"]))
+
+
+def _dino_views(
+    first_global: ViewSpec,
+    blur: tuple[float, float],
+    solarization_prob: float,
+    local: tuple[int, tuple[float, float], int],
+) -> list[ViewSpec]:
+    """DINO's and iBOT's views: two global views, then the local views.
+
+    The second global view takes ``blur[0]`` and ``solarization_prob``, the
+    local views (size, crop scale, number) ``blur[1]`` and no solarisation.
+    """
+    local_size, local_scale, local_count = local
+    second_global = dataclasses.replace(
+        first_global, blur_prob=blur[0], solarize_prob=solarization_prob
+    )
+    specs = [first_global, second_global]
+    if local_count > 0:
+        specs.append(
+            dataclasses.replace(
+                first_global,
+                size=local_size,
+                num_views=local_count,
+                crop_scale=local_scale,
+                blur_prob=blur[1],
+            )
+        )
+    return specs
+
+
+def _crop_sources(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """Checks the input; returns each image as a ``(1, 3, H, W)`` resize source.
+
+    On the CPU the sources stay uint8 in channels-last memory, where torch's
+    antialiased resize has a fast uint8 kernel; elsewhere (CUDA has no uint8
+    antialiased kernel) they become float32 in [0, 255].
+    """
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(
+                "DeviceMultiViewTransform: expected a uint8 batch (B, 3, H, W), got "
+                f"{images.dtype} of shape {tuple(images.shape)}."
+            )
+        if images.numel() == 0:
+            raise ValueError(
+                "DeviceMultiViewTransform: the batch is empty, shape "
+                f"{tuple(images.shape)}."
+            )
+        return list(_resize_source(images).split(1))
+
+    images = list(images)
+    if not images:
+        raise ValueError("DeviceMultiViewTransform: the list of images is empty.")
+    for index, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise TypeError(
+                f"DeviceMultiViewTransform: images[{index}] must be a tensor, got "
+                f"{type(image).__name__}."
+            )
+        if (
+            image.ndim != 3
+            or image.shape[0] != 3
+            or image.dtype != torch.uint8
+            or image.numel() == 0
+        ):
+            raise ValueError(
+                f"DeviceMultiViewTransform: images[{index}] must be a non-empty uint8 "
+                f"(3, H, W) tensor, got {image.dtype} of shape {tuple(image.shape)}."
+            )
+        if image.device != images[0].device:
+            raise ValueError(
+                f"DeviceMultiViewTransform: images[{index}] is on {image.device}, "
+                f"images[0] on {images[0].device}; all must be on one device."
+            )
+    return [_resize_source(image.unsqueeze(0)) for image in images]
+
+
+def _resize_source(images: Tensor) -> Tensor:
+    if images.device.type == "cpu":
+        return images.contiguous(memory_format=torch.channels_last)
+    return images.float()
+
+
+def _augment_group(
+    spec: ViewSpec,
+    sources: list[Tensor],
+    generator: torch.Generator | None,
+) -> Tensor:
+    """All views of one spec, ``(num_views, B, 3, size, size)`` float32."""
+    batch = len(sources)
+    num_views = spec.num_views * batch  # view v shows image v % batch
+    image = torch.arange(num_views) % batch
+    sizes = torch.tensor([source.shape[-2:] for source in sources])[image]
+    boxes = _sample_crop_boxes(
+        num_views,
+        sizes[:, 0],
+        sizes[:, 1],
+        spec.crop_scale,
+        spec.crop_ratio,
+        generator,
+    )
+    views = _resized_crops(sources, image, boxes, spec.size, spec.interpolation)
+    if spec.hflip_prob > 0:
+        hflip = _chance(num_views, spec.hflip_prob, generator)
+        _apply_where(views, hflip, lambda x: x.flip(-1))
+    if spec.vflip_prob > 0:
+        vflip = _chance(num_views, spec.vflip_prob, generator)
+        _apply_where(views, vflip, lambda x: x.flip(-2))
+    if spec.jitter_prob > 0:
+        _color_jitter(
+            views,
+            _chance(num_views, spec.jitter_prob, generator),
+            spec.brightness,
+            spec.contrast,
+            spec.saturation,
+            spec.hue,
+            generator,
+        )
+    if spec.grayscale_prob > 0:
+        gray = _chance(num_views, spec.grayscale_prob, generator)
+        _apply_where(views, gray, lambda x: _grayscale(x).expand_as(x))
+    if spec.blur_prob > 0:
+        blur = _chance(num_views, spec.blur_prob, generator)
+        sigmas = torch.empty(num_views).uniform_(*spec.blur_sigmas, generator=generator)
+        radius = math.ceil(3 * spec.blur_sigmas[1])
+        _apply_where(views, blur, lambda x, s: _gaussian_blur(x, s, radius), sigmas)
+    if spec.solarize_prob > 0:
+        solarize = _chance(num_views, spec.solarize_prob, generator)
+        _apply_where(views, solarize, _solarize)
+    if spec.mean is not None and spec.std is not None:
+        mean = torch.tensor(spec.mean).view(-1, 1, 1)
+        std = torch.tensor(spec.std).view(-1, 1, 1)
+        views.sub_(mean.to(views.device)).div_(std.to(views.device))
+    return views.view(spec.num_views, batch, 3, spec.size, spec.size)
+
+
+def _chance(
+    num_views: int, probability: float, generator: torch.Generator | None
+) -> Tensor:
+    """``(num_views,)`` CPU booleans, each true with ``probability``."""
+    return torch.rand(num_views, generator=generator) < probability
+
+
+def _solarize(views: Tensor) -> Tensor:
+    return torch.where(views >= _SOLARIZE_THRESHOLD, 1 - views, views)
+
+
+def _resized_crops(
+    sources: list[Tensor], image: Tensor, boxes: Tensor, size: int, interpolation: str
+) -> Tensor:
+    """``resized_crop(antialias=True)`` of every view, ``(V, 3, size, size)`` in [0, 1].
+
+    torchvision's kernel itself (``F.interpolate`` with ``antialias=True``) on
+    each crop: exact, and on the CPU the fastest candidate measured
+    (``benchmarks/perf_device_transforms.py``).
+    """
+    crops = [
+        F.interpolate(
+            sources[index][:, :, top : top + height, left : left + width],
+            size=(size, size),
+            mode=interpolation,
+            antialias=True,
+            align_corners=False,
+        )
+        for index, (top, left, height, width) in zip(
+            image.tolist(), boxes.tolist(), strict=True
+        )
+    ]
+    views = torch.cat(crops).to(torch.float32, memory_format=torch.contiguous_format)
+    if sources[0].dtype == torch.uint8:
+        return views.div_(255)
+    return views.div_(255).clamp_(0, 1)  # bicubic overshoots; uint8 output clamps
