@@ -44,8 +44,9 @@ box blurs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -66,6 +67,9 @@ from lightly_msn.transforms import (
 Interpolation = Literal["bilinear", "bicubic"]
 Normalize = dict[str, list[float]]
 
+# largest image side resized by the batched resampling on the CPU (see _resizer)
+_CPU_BATCHED_RESIZE_MAX_SIDE = 32
+_BICUBIC_A = -0.5  # Keys' cubic of PIL and torch's antialiased bicubic
 _SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize default, used by lightly
 _IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_NORMALIZE["mean"])
 _IMAGENET_STD: tuple[float, ...] = tuple(IMAGENET_NORMALIZE["std"])
@@ -193,9 +197,11 @@ class DeviceMultiViewTransform:
     :meth:`byol` and :meth:`mae` take the arguments of lightly's transforms;
     :meth:`for_small_images` scales any of them to 32 px images.
 
-    Computation stays in float32 under autocast. Crops are resized one by one
-    with torch's antialiased kernel (on the CPU from uint8, elsewhere from
-    float32), everything else runs on all views of a spec at once.
+    Computation stays in float32 under autocast. All crops are resampled at
+    once with torch's antialiased filter (a list of images is zero-padded into
+    one batch; no crop reads the padding), except images larger than 32 px on
+    the CPU, whose crops are resized one by one by torch's uint8 kernel (faster
+    there). Everything else runs on all views of a spec at once.
 
     Args:
         specs: The view groups, in output order.
@@ -233,11 +239,13 @@ class DeviceMultiViewTransform:
                 "DeviceMultiViewTransform: random parameters are drawn on the CPU, "
                 f"pass a CPU generator (got one on {generator.device})."
             )
-        sources = _crop_sources(images)
+        resize, sizes = _resizer(images)
+        device = images.device if isinstance(images, Tensor) else images[0].device
         views: list[Tensor] = []
-        with torch.autocast(sources[0].device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             for spec in self.specs:
-                views.extend(_augment_group(spec, sources, generator).unbind(0))
+                group = _augment_group(spec, resize, sizes, generator)
+                views.extend(group.unbind(0))
         return views
 
     def for_small_images(
@@ -567,13 +575,52 @@ def _dino_views(
     return specs
 
 
-def _crop_sources(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    """Checks the input; returns each image as a ``(1, 3, H, W)`` resize source.
+Resize = Callable[[Tensor, Tensor, int, str], Tensor]
 
-    On the CPU the sources stay uint8 in channels-last memory, where torch's
-    antialiased resize has a fast uint8 kernel; elsewhere (CUDA has no uint8
-    antialiased kernel) they become float32 in [0, 255].
+
+def _resizer(images: Tensor | Sequence[Tensor]) -> tuple[Resize, Tensor]:
+    """Checks the input; returns its crop-and-resize function and image sizes.
+
+    ``resize(image, boxes, size, interpolation)`` returns view ``v`` as crop
+    ``boxes[v]`` of image ``image[v]`` resized to ``size``: ``(V, 3, size, size)``
+    float32 in [0, 1]: one batched resampling of all views
+    (:func:`_resize_batched`), so that the number of kernel launches does not
+    grow with the number of views, except for images larger than 32 px on the
+    CPU, where one call of torch's uint8 antialiased kernel per view is faster
+    (both measured in ``benchmarks/perf_device_transforms.py``). Sizes
+    ``(B, 2)`` (height, width) are on the CPU.
     """
+    batch = _checked_images(images)
+    sizes = torch.tensor([image.shape[-2:] for image in batch])
+    on_cpu = batch[0].device.type == "cpu"
+    if on_cpu and int(sizes.max()) > _CPU_BATCHED_RESIZE_MAX_SIDE:
+        sources = [
+            image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            for image in batch
+        ]
+        return functools.partial(_resize_each, sources), sizes
+    return functools.partial(_resize_batched, _padded_pixels(batch)), sizes
+
+
+def _padded_pixels(batch: Tensor | list[Tensor]) -> Tensor:
+    """``(B, H, W, 3)`` float32 in [0, 255], the input of :func:`_resize_batched`.
+
+    A list of images is zero-padded to the largest height and width; crops lie
+    inside their image and resampling never leaves the crop, so no view reads
+    the padding.
+    """
+    if isinstance(batch, Tensor):
+        return batch.permute(0, 2, 3, 1).float().contiguous()
+    height = max(image.shape[1] for image in batch)
+    width = max(image.shape[2] for image in batch)
+    pixels = batch[0].new_zeros(len(batch), height, width, 3, dtype=torch.float32)
+    for target, image in zip(pixels, batch, strict=True):
+        target[: image.shape[1], : image.shape[2]] = image.permute(1, 2, 0)
+    return pixels
+
+
+def _checked_images(images: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+    """Validates a uint8 batch ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images."""
     if isinstance(images, Tensor):
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(
@@ -585,8 +632,7 @@ def _crop_sources(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
                 "DeviceMultiViewTransform: the batch is empty, shape "
                 f"{tuple(images.shape)}."
             )
-        return list(_resize_source(images).split(1))
-
+        return images
     images = list(images)
     if not images:
         raise ValueError("DeviceMultiViewTransform: the list of images is empty.")
@@ -611,34 +657,28 @@ def _crop_sources(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
                 f"DeviceMultiViewTransform: images[{index}] is on {image.device}, "
                 f"images[0] on {images[0].device}; all must be on one device."
             )
-    return [_resize_source(image.unsqueeze(0)) for image in images]
-
-
-def _resize_source(images: Tensor) -> Tensor:
-    if images.device.type == "cpu":
-        return images.contiguous(memory_format=torch.channels_last)
-    return images.float()
+    return images
 
 
 def _augment_group(
     spec: ViewSpec,
-    sources: list[Tensor],
+    resize: Resize,
+    sizes: Tensor,
     generator: torch.Generator | None,
 ) -> Tensor:
     """All views of one spec, ``(num_views, B, 3, size, size)`` float32."""
-    batch = len(sources)
+    batch = sizes.shape[0]
     num_views = spec.num_views * batch  # view v shows image v % batch
     image = torch.arange(num_views) % batch
-    sizes = torch.tensor([source.shape[-2:] for source in sources])[image]
     boxes = _sample_crop_boxes(
         num_views,
-        sizes[:, 0],
-        sizes[:, 1],
+        sizes[image, 0],
+        sizes[image, 1],
         spec.crop_scale,
         spec.crop_ratio,
         generator,
     )
-    views = _resized_crops(sources, image, boxes, spec.size, spec.interpolation)
+    views = resize(image, boxes, spec.size, spec.interpolation)
     if spec.hflip_prob > 0:
         hflip = _chance(num_views, spec.hflip_prob, generator)
         _apply_where(views, hflip, lambda x: x.flip(-1))
@@ -684,14 +724,13 @@ def _solarize(views: Tensor) -> Tensor:
     return torch.where(views >= _SOLARIZE_THRESHOLD, 1 - views, views)
 
 
-def _resized_crops(
+def _resize_each(
     sources: list[Tensor], image: Tensor, boxes: Tensor, size: int, interpolation: str
 ) -> Tensor:
-    """``resized_crop(antialias=True)`` of every view, ``(V, 3, size, size)`` in [0, 1].
+    """torchvision's ``resized_crop(antialias=True)`` of each view, one call each.
 
-    torchvision's kernel itself (``F.interpolate`` with ``antialias=True``) on
-    each crop: exact, and on the CPU the fastest candidate measured
-    (``benchmarks/perf_device_transforms.py``).
+    ``sources`` are uint8 ``(1, 3, H, W)`` channels-last images on the CPU;
+    torch's uint8 kernel rounds to uint8, as torchvision on uint8 tensors does.
     """
     crops = [
         F.interpolate(
@@ -706,6 +745,97 @@ def _resized_crops(
         )
     ]
     views = torch.cat(crops).to(torch.float32, memory_format=torch.contiguous_format)
-    if sources[0].dtype == torch.uint8:
-        return views.div_(255)
-    return views.div_(255).clamp_(0, 1)  # bicubic overshoots; uint8 output clamps
+    return views.div_(255)
+
+
+def _resize_batched(
+    pixels: Tensor, image: Tensor, boxes: Tensor, size: int, interpolation: str
+) -> Tensor:
+    """All views' ``resized_crop(antialias=True)`` at once, by gathered rows.
+
+    ``pixels`` ``(B, H, W, 3)`` float32 in [0, 255]. Separable resampling with
+    the weights of torch's antialiased kernel (:func:`_resampling_taps`): each
+    output row is a weighted sum of a few gathered input rows, then the same
+    for columns, a handful of kernels whatever the number of views. Equal to
+    torchvision's float32 ``resized_crop`` up to rounding, clamped to [0, 1]
+    (bicubic overshoots; PIL and uint8 kernels clamp).
+    """
+    batch, height, width, _ = pixels.shape
+    num_views = image.numel()
+    row_index, row_weights = _resampling_taps(
+        boxes[:, 0], boxes[:, 2], size, interpolation
+    )
+    row_index += (image * height).view(-1, 1, 1)
+    rows = _weighted_rows(  # (V, size, W * 3)
+        pixels.view(batch * height, width * 3), row_index, row_weights
+    )
+    columns = rows.view(num_views, size, width, 3).transpose(1, 2)
+    column_index, column_weights = _resampling_taps(
+        boxes[:, 1], boxes[:, 3], size, interpolation
+    )
+    column_index += (torch.arange(num_views) * width).view(-1, 1, 1)
+    views = _weighted_rows(  # (V, size x, size y * 3)
+        columns.reshape(num_views * width, size * 3), column_index, column_weights
+    )
+    views = views.view(num_views, size, size, 3).permute(0, 3, 2, 1).contiguous()
+    return views.div_(255).clamp_(0, 1)
+
+
+def _resampling_taps(
+    start: Tensor, length: Tensor, size: int, interpolation: str
+) -> tuple[Tensor, Tensor]:
+    """Input indices and weights resampling ``[start, start + length)`` to ``size``.
+
+    torch's (and PIL's) antialiased filter, per view: output pixel ``i``,
+    centred at ``c = scale * (i + 0.5)`` with ``scale = length / size``, averages
+    the input pixels within ``support * max(scale, 1)`` of ``c`` (support 1 for
+    bilinear, 2 for bicubic), weighted by the triangle or Keys' cubic
+    (``a = -0.5``) stretched by ``max(scale, 1)`` and normalised to sum 1. Taps
+    never leave the crop.
+
+    Returns ``(V, size, K)`` int64 indices and float32 weights on the CPU, ``K``
+    the most taps of any output pixel (unused taps weigh 0); computed in float64.
+    """
+    length = length.double().view(-1, 1)
+    scale = length / size
+    stretch = scale.clamp(min=1.0)
+    support = (1.0 if interpolation == "bilinear" else 2.0) * stretch
+    centre = scale * (torch.arange(size, dtype=torch.float64) + 0.5)  # (V, size)
+    first = (centre - support + 0.5).trunc_().clamp_(min=0)
+    count = torch.minimum((centre + support + 0.5).trunc_(), length) - first
+    taps = torch.arange(int(count.max()), dtype=torch.float64)
+    offsets = first.unsqueeze(-1) + taps  # (V, size, K)
+    distance = (offsets - centre.unsqueeze(-1) + 0.5).abs_() / stretch.unsqueeze(-1)
+    weights = _filter(distance, interpolation)
+    weights = torch.where(taps < count.unsqueeze(-1), weights, 0.0)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    index = torch.minimum(offsets, length.unsqueeze(-1) - 1).long()
+    return index + start.view(-1, 1, 1), weights.float()
+
+
+def _filter(distance: Tensor, interpolation: str) -> Tensor:
+    """The resampling filter at ``distance >= 0``: triangle or Keys' cubic."""
+    if interpolation == "bilinear":
+        return (1 - distance).clamp_(min=0)
+    a, x = _BICUBIC_A, distance
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
+
+
+def _weighted_rows(source: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """``out[v, i] = sum_k weights[v, i, k] * source[index[v, i, k]]``.
+
+    ``source`` is a 2-D table of rows on the device; ``index`` and ``weights``
+    ``(V, n, K)`` on the CPU. Returns ``(V, n, row length)``.
+    """
+    num_views, length, num_taps = index.shape
+    index = index.permute(2, 0, 1).reshape(num_taps, -1)
+    index = index.to(source.device, non_blocking=True)
+    weights = weights.permute(2, 0, 1).unsqueeze(-1)
+    weights = weights.to(source.device, non_blocking=True)
+    out = source.index_select(0, index[0]).view(num_views, length, -1) * weights[0]
+    for tap in range(1, num_taps):
+        rows = source.index_select(0, index[tap]).view(num_views, length, -1)
+        out.addcmul_(rows, weights[tap])
+    return out

@@ -71,10 +71,7 @@ def test_resized_crop_matches_torchvision(device: str, interpolation: str) -> No
     boxes = torch.tensor(  # top, left, height, width: down-, up-sampling, whole image
         [[3, 5, 40, 31], [10, 20, 9, 12], [0, 0, 45, 60], [44, 0, 1, 60]]
     )
-    sources = D._crop_sources([image.to(device)])
-    ours = D._resized_crops(
-        sources, torch.zeros(4, dtype=torch.long), boxes, 24, interpolation
-    )
+    index = torch.zeros(4, dtype=torch.long)
     mode = T.InterpolationMode(interpolation)
     # torchvision's float kernel, clamped as PIL's and torch's uint8 output are
     reference = torch.stack(
@@ -85,24 +82,61 @@ def test_resized_crop_matches_torchvision(device: str, interpolation: str) -> No
             for box in boxes.tolist()
         ]
     )
+    # the batched resampling (used off the CPU) on this device: float exact
+    pixels = D._padded_pixels([image.to(device)])
+    batched = D._resize_batched(pixels, index, boxes, 24, interpolation).cpu()
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=0)
+
+    resize, sizes = D._resizer([image.to(device)])  # what the transform uses here
+    assert sizes.tolist() == [[45, 60]]
+    ours = resize(index, boxes, 24, interpolation)
     assert ours.dtype == torch.float32 and ours.shape == (4, 3, 24, 24)
-    if device == "cpu":
-        # the uint8 kernel itself (what torchvision runs on uint8 CPU tensors) ...
-        uint8 = torch.stack(
-            [
-                TF.resized_crop(
-                    image, *box, [24, 24], interpolation=mode, antialias=True
-                )
-                for box in boxes.tolist()
-            ]
-        )
-        torch.testing.assert_close(ours, uint8.float() / 255, atol=0, rtol=0)
-        # ... which rounds to uint8 after each pass: within 1.5 levels of float;
-        # bicubic clamps its overshoot between the passes, as PIL, at sharp edges
-        tolerance = 1.5 / 255 if interpolation == "bilinear" else 4 / 255
-        torch.testing.assert_close(ours, reference, atol=tolerance, rtol=0)
-    else:
-        torch.testing.assert_close(ours.cpu(), reference, atol=1e-5, rtol=0)
+    assert ours.device.type == device
+    if device != "cpu":
+        torch.testing.assert_close(ours.cpu(), batched, atol=0, rtol=0)
+        return
+    # on the CPU: the uint8 kernel itself (what torchvision runs on uint8) ...
+    uint8 = torch.stack(
+        [
+            TF.resized_crop(image, *box, [24, 24], interpolation=mode, antialias=True)
+            for box in boxes.tolist()
+        ]
+    )
+    torch.testing.assert_close(ours, uint8.float() / 255, atol=0, rtol=0)
+    # ... which rounds to uint8 after each pass: within 1.5 levels of float;
+    # bicubic clamps its overshoot between the passes, as PIL, at sharp edges
+    tolerance = 1.5 / 255 if interpolation == "bilinear" else 4 / 255
+    torch.testing.assert_close(ours, reference, atol=tolerance, rtol=0)
+
+
+def test_batched_resampling_of_differently_sized_images() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=generator),
+        torch.full((3, 20, 12), 77, dtype=torch.uint8),
+    ]
+    pixels = D._padded_pixels(images)
+    assert pixels.shape == (2, 50, 70, 3)
+    index = torch.tensor([0, 1, 1, 0])
+    boxes = torch.tensor(
+        [[0, 0, 50, 70], [0, 0, 20, 12], [15, 9, 5, 3], [49, 69, 1, 1]]
+    )
+    views = D._resize_batched(pixels, index, boxes, 16, "bicubic")
+    for view, image, box in zip(views, index.tolist(), boxes.tolist(), strict=True):
+        expected = TF.resized_crop(
+            images[image].float() / 255,
+            *box,
+            [16, 16],
+            interpolation=T.InterpolationMode.BICUBIC,
+            antialias=True,
+        ).clamp(0, 1)
+        torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    # on the CPU, images of up to 32 px take this path too
+    small = [image[:, :32, :32] for image in images]
+    boxes = torch.tensor([[0, 0, 32, 32], [0, 0, 20, 12], [5, 3, 5, 3], [31, 31, 1, 1]])
+    resize, _ = D._resizer(small)
+    batched = D._resize_batched(D._padded_pixels(small), index, boxes, 8, "bilinear")
+    torch.testing.assert_close(resize(index, boxes, 8, "bilinear"), batched)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -636,3 +670,18 @@ def test_transform_rejects_a_cuda_generator() -> None:
         DeviceMultiViewTransform([ViewSpec(size=8)])(
             images, generator=torch.Generator(device="cuda")
         )
+
+
+def test_benchmark_candidates_resize_what_they_claim() -> None:
+    from benchmarks import perf_device_transforms as bench
+
+    images = torch.stack([_smooth_image(20, 24, seed) for seed in range(2)])
+    plan = bench.make_plan(2, 20, 24, (8, 4))
+    reference = bench.resize_reference(images, plan)
+    for resize, tolerance in [
+        (bench.resize_per_view, 1 / 255),  # uint8 rounding
+        (bench.resize_batched, 1e-5),
+        (bench.resize_roi_align, 0.5),  # box-filtered bilinear samples
+    ]:
+        for views, expected in zip(resize(images, plan), reference, strict=True):
+            torch.testing.assert_close(views, expected, atol=tolerance, rtol=0)
