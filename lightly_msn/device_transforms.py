@@ -48,7 +48,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +57,12 @@ from torch import Tensor
 
 from lightly_msn.transforms import (
     CIFAR10_NORMALIZE,
+    _apply_jitter,
     _apply_where,
-    _color_jitter,
+    _draw_jitter,
     _gaussian_blur,
     _grayscale,
+    _Jitter,
     _sample_crop_boxes,
 )
 
@@ -69,6 +71,8 @@ Normalize = dict[str, list[float]]
 
 # largest image side resized by the batched resampling on the CPU (see _resizer)
 _CPU_BATCHED_RESIZE_MAX_SIDE = 32
+# most values per view tensor on the CPU (see _augment_group)
+_CPU_CHUNK_ELEMENTS = 2**20
 _BICUBIC_A = -0.5  # Keys' cubic of PIL and torch's antialiased bicubic
 _SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize default, used by lightly
 _IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_NORMALIZE["mean"])
@@ -244,7 +248,7 @@ class DeviceMultiViewTransform:
         views: list[Tensor] = []
         with torch.autocast(device.type, enabled=False):
             for spec in self.specs:
-                group = _augment_group(spec, resize, sizes, generator)
+                group = _augment_group(spec, resize, sizes, generator, device)
                 views.extend(group.unbind(0))
         return views
 
@@ -508,7 +512,7 @@ class DeviceMultiViewTransform:
         return cls([view])
 
 
-class _Jitter(TypedDict):
+class _JitterFields(TypedDict):
     jitter_prob: float
     brightness: float
     contrast: float
@@ -528,9 +532,9 @@ def _jitter(
     cj_contrast: float,
     cj_sat: float,
     cj_hue: float,
-) -> _Jitter:
+) -> _JitterFields:
     """lightly's colour-jitter arguments as :class:`ViewSpec` fields."""
-    return _Jitter(
+    return _JitterFields(
         jitter_prob=cj_prob,
         brightness=cj_strength * cj_bright,
         contrast=cj_strength * cj_contrast,
@@ -660,16 +664,73 @@ def _checked_images(images: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
     return images
 
 
+class _Draws(NamedTuple):
+    """The random parameters of ``V`` views of one spec, on the CPU."""
+
+    image: Tensor  # (V,) index of the image each view shows
+    boxes: Tensor  # (V, 4) crop top, left, height, width
+    hflip: Tensor  # (V,) booleans, as the other selections
+    vflip: Tensor
+    jitter: Tensor
+    jitter_params: _Jitter
+    gray: Tensor
+    blur: Tensor
+    sigmas: Tensor  # (V,) blur standard deviations
+    solarize: Tensor
+
+    def rows(self, part: slice) -> _Draws:
+        """The parameters of views ``part``."""
+        return _Draws(
+            self.image[part],
+            self.boxes[part],
+            self.hflip[part],
+            self.vflip[part],
+            self.jitter[part],
+            self.jitter_params.rows(part),
+            self.gray[part],
+            self.blur[part],
+            self.sigmas[part],
+            self.solarize[part],
+        )
+
+
 def _augment_group(
     spec: ViewSpec,
     resize: Resize,
     sizes: Tensor,
     generator: torch.Generator | None,
+    device: torch.device,
 ) -> Tensor:
-    """All views of one spec, ``(num_views, B, 3, size, size)`` float32."""
+    """All views of one spec, ``(num_views, B, 3, size, size)`` float32.
+
+    All parameters are drawn first, so they do not depend on the device; on the
+    CPU the views are then made in chunks of at most ``_CPU_CHUNK_ELEMENTS``
+    values per tensor, which keeps the operations' temporaries small.
+    """
     batch = sizes.shape[0]
-    num_views = spec.num_views * batch  # view v shows image v % batch
-    image = torch.arange(num_views) % batch
+    num_views = spec.num_views * batch
+    draws = _draw(spec, sizes, num_views, generator)
+    chunk = num_views
+    if device.type == "cpu":
+        chunk = max(1, _CPU_CHUNK_ELEMENTS // (3 * spec.size**2))
+    parts = [slice(start, start + chunk) for start in range(0, num_views, chunk)]
+    views = [_make_views(spec, resize, draws.rows(part)) for part in parts]
+    group = views[0] if len(views) == 1 else torch.cat(views)
+    return group.view(spec.num_views, batch, 3, spec.size, spec.size)
+
+
+def _draw(
+    spec: ViewSpec, sizes: Tensor, num_views: int, generator: torch.Generator | None
+) -> _Draws:
+    """Draws every random parameter of ``num_views`` views; view v shows image
+    ``v % B``, so the views of one output position are contiguous."""
+
+    def chance(probability: float) -> Tensor:
+        if probability == 0:
+            return torch.zeros(num_views, dtype=torch.bool)
+        return torch.rand(num_views, generator=generator) < probability
+
+    image = torch.arange(num_views) % sizes.shape[0]
     boxes = _sample_crop_boxes(
         num_views,
         sizes[image, 0],
@@ -678,46 +739,40 @@ def _augment_group(
         spec.crop_ratio,
         generator,
     )
-    views = resize(image, boxes, spec.size, spec.interpolation)
-    if spec.hflip_prob > 0:
-        hflip = _chance(num_views, spec.hflip_prob, generator)
-        _apply_where(views, hflip, lambda x: x.flip(-1))
-    if spec.vflip_prob > 0:
-        vflip = _chance(num_views, spec.vflip_prob, generator)
-        _apply_where(views, vflip, lambda x: x.flip(-2))
-    if spec.jitter_prob > 0:
-        _color_jitter(
-            views,
-            _chance(num_views, spec.jitter_prob, generator),
-            spec.brightness,
-            spec.contrast,
-            spec.saturation,
-            spec.hue,
-            generator,
-        )
-    if spec.grayscale_prob > 0:
-        gray = _chance(num_views, spec.grayscale_prob, generator)
-        _apply_where(views, gray, lambda x: _grayscale(x).expand_as(x))
-    if spec.blur_prob > 0:
-        blur = _chance(num_views, spec.blur_prob, generator)
-        sigmas = torch.empty(num_views).uniform_(*spec.blur_sigmas, generator=generator)
-        radius = math.ceil(3 * spec.blur_sigmas[1])
-        _apply_where(views, blur, lambda x, s: _gaussian_blur(x, s, radius), sigmas)
-    if spec.solarize_prob > 0:
-        solarize = _chance(num_views, spec.solarize_prob, generator)
-        _apply_where(views, solarize, _solarize)
+    hflip, vflip, jitter = (
+        chance(spec.hflip_prob),
+        chance(spec.vflip_prob),
+        chance(spec.jitter_prob),
+    )
+    jitter_params = _draw_jitter(
+        num_views,
+        *(spec.brightness, spec.contrast, spec.saturation, spec.hue),
+        generator=generator,
+    )
+    gray, blur = chance(spec.grayscale_prob), chance(spec.blur_prob)
+    sigmas = torch.empty(num_views).uniform_(*spec.blur_sigmas, generator=generator)
+    solarize = chance(spec.solarize_prob)
+    return _Draws(
+        image, boxes, hflip, vflip, jitter, jitter_params, gray, blur, sigmas, solarize
+    )
+
+
+def _make_views(spec: ViewSpec, resize: Resize, draws: _Draws) -> Tensor:
+    """The views ``(V, 3, size, size)`` that ``draws`` describe."""
+    views = resize(draws.image, draws.boxes, spec.size, spec.interpolation)
+    _apply_where(views, draws.hflip, lambda x: x.flip(-1))
+    _apply_where(views, draws.vflip, lambda x: x.flip(-2))
+    _apply_jitter(views, draws.jitter, draws.jitter_params)
+    _apply_where(views, draws.gray, lambda x: _grayscale(x).expand_as(x))
+    radius = math.ceil(3 * spec.blur_sigmas[1])
+    blur = functools.partial(_gaussian_blur, radius=radius)
+    _apply_where(views, draws.blur, blur, draws.sigmas)
+    _apply_where(views, draws.solarize, _solarize)
     if spec.mean is not None and spec.std is not None:
-        mean = torch.tensor(spec.mean).view(-1, 1, 1)
-        std = torch.tensor(spec.std).view(-1, 1, 1)
-        views.sub_(mean.to(views.device)).div_(std.to(views.device))
-    return views.view(spec.num_views, batch, 3, spec.size, spec.size)
-
-
-def _chance(
-    num_views: int, probability: float, generator: torch.Generator | None
-) -> Tensor:
-    """``(num_views,)`` CPU booleans, each true with ``probability``."""
-    return torch.rand(num_views, generator=generator) < probability
+        mean = torch.tensor(spec.mean).view(-1, 1, 1).to(views.device)
+        std = torch.tensor(spec.std).view(-1, 1, 1).to(views.device)
+        views.sub_(mean).div_(std)
+    return views
 
 
 def _solarize(views: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -473,31 +474,71 @@ def _color_jitter(
 ) -> None:
     """torchvision's ``ColorJitter`` on the selected views, in place.
 
-    Each view draws its own factors (brightness, contrast, saturation uniform in
-    ``[max(0, 1 - x), 1 + x]``, hue shift uniform in ``[-hue, hue]``) and its own
-    random order of the four operations. ``selected`` and the random numbers are
-    on the CPU (``generator``, or torch's global one if ``None``).
+    Each view draws its own factors and its own order of the four operations
+    (:func:`_draw_jitter`). ``selected`` and the random numbers are on the CPU
+    (``generator``, or torch's global one if ``None``).
     """
-    num_views = views.shape[0]
-    operations: list[tuple[Callable[[Tensor, Tensor], Tensor], Tensor]] = []
+    jitter = _draw_jitter(
+        views.shape[0], brightness, contrast, saturation, hue, generator
+    )
+    _apply_jitter(views, selected, jitter)
+
+
+class _Jitter(NamedTuple):
+    """Colour-jitter parameters of ``V`` views, as torchvision's ``ColorJitter``."""
+
+    operations: tuple[Callable[[Tensor, Tensor], Tensor], ...]
+    factors: Tensor  # (V, operations): each view's factor for each operation
+    order: Tensor  # (V, operations): the operation each view applies at each stage
+
+    def rows(self, part: slice) -> _Jitter:
+        """The parameters of views ``part``."""
+        return _Jitter(self.operations, self.factors[part], self.order[part])
+
+
+def _draw_jitter(
+    num_views: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator | None = None,
+) -> _Jitter:
+    """Draws torchvision's ``ColorJitter.get_params`` for ``num_views`` views.
+
+    Brightness, contrast, saturation factors uniform in ``[max(0, 1 - x), 1 + x]``,
+    hue shift uniform in ``[-hue, hue]``, operations with strength 0 left out, and
+    a uniformly random order of the others per view. On the CPU, from
+    ``generator`` (torch's global one if ``None``).
+    """
+    operations: list[Callable[[Tensor, Tensor], Tensor]] = []
+    factors: list[Tensor] = []
     for amount, operation in [
         (brightness, _adjust_brightness),
         (contrast, _adjust_contrast),
         (saturation, _adjust_saturation),
     ]:
         if amount > 0:
-            factors = torch.empty(num_views).uniform_(
-                max(0.0, 1 - amount), 1 + amount, generator=generator
+            operations.append(operation)
+            factors.append(
+                torch.empty(num_views).uniform_(
+                    max(0.0, 1 - amount), 1 + amount, generator=generator
+                )
             )
-            operations.append((operation, factors))
     if hue > 0:
-        shifts = torch.empty(num_views).uniform_(-hue, hue, generator=generator)
-        operations.append((_adjust_hue, shifts))
+        operations.append(_adjust_hue)
+        factors.append(torch.empty(num_views).uniform_(-hue, hue, generator=generator))
     order = torch.rand(num_views, len(operations), generator=generator).argsort(dim=1)
-    for stage in range(len(operations)):
-        for index, (jitter, jitter_factors) in enumerate(operations):
-            at_stage = selected & (order[:, stage] == index)
-            _apply_where(views, at_stage, jitter, jitter_factors)
+    stacked = torch.stack(factors, dim=1) if factors else torch.empty(num_views, 0)
+    return _Jitter(tuple(operations), stacked, order)
+
+
+def _apply_jitter(views: Tensor, selected: Tensor, jitter: _Jitter) -> None:
+    """Applies ``jitter`` to the selected views, in place, stage by stage."""
+    for stage in range(len(jitter.operations)):
+        for index, operation in enumerate(jitter.operations):
+            at_stage = selected & (jitter.order[:, stage] == index)
+            _apply_where(views, at_stage, operation, jitter.factors[:, index])
 
 
 def _per_view(factors: Tensor) -> Tensor:
