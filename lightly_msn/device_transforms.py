@@ -27,11 +27,13 @@ never leave their device, and no operation waits for the device (the shapes
 and selections the kernels need are known on the CPU).
 
 Numerical differences from lightly's PIL pipeline (distributions are equal):
-colour operations run in float32 on the resampled view where PIL rounds to
-uint8 after each step; the hue shift is the exact HSV rotation (PIL quantises
-hue to 256 levels); the blur is an exact Gaussian truncated at
-``3 * max(blur_sigmas)`` with reflected borders, where PIL approximates it by
-box blurs.
+crops are resampled in float32 (torchvision's float ``resized_crop``; PIL
+computes in fixed point), except images larger than 32 px on the CPU, resized
+by torch's uint8 kernel as torchvision does for uint8 tensors; colour
+operations run in float32 on the resampled view where PIL rounds to uint8
+after each step; the hue shift is the exact HSV rotation (PIL quantises hue to
+256 levels); the blur is an exact Gaussian truncated at ``3 * max(blur_sigmas)``
+with reflected borders, where PIL approximates it by box blurs.
 
 - [0]: SimCLR, 2020, https://arxiv.org/abs/2002.05709
 - [1]: BYOL, 2020, https://arxiv.org/abs/2006.07733
