@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of this release in one call: the CUDA tests, the whole test suite, the
-# component and training-step benchmarks, and a short bf16 benchmark run of msn and
-# msn_lightly. Writes every output to $OUT (default: gpu-check-out/).
+# component, training-step and augmentation benchmarks, and a short bf16 benchmark run
+# of msn and msn_lightly. Writes every output to $OUT (default: gpu-check-out/).
 #
 # Usage, from the repository root on a machine with a GPU and the project's
 # dependencies installed:
@@ -32,6 +32,8 @@ step probe 90 python3 benchmarks/results/gpu-check-h200/probe.py
 step perf_components 120 python3 benchmarks/perf_components.py --device cuda --repeats 30
 step perf_train_step 150 python3 -m benchmarks.perf_train_step --device cuda --batch-size 256 --repeats 10
 step perf_train_step_1024 150 python3 -m benchmarks.perf_train_step --device cuda --batch-size 1024 --repeats 10
+step perf_transforms 150 python3 benchmarks/perf_transforms.py --device cuda --repeats 5 --batch 1024
+step perf_device_transforms 240 python3 -m benchmarks.perf_device_transforms --device cuda --repeats 5
 if [ -n "${DATA_DIR:-}" ]; then
     step bench 300 python3 -m benchmarks.run --profile cpu-quick --methods msn,msn_lightly \
         --name gpu-check --results-dir "$OUT/runs" --no-progress --set trainer.accelerator=gpu \

@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "MSNSchedules": "lightly_msn.schedules",
     "MSNTransform": "lightly_msn.transforms",
     "MSNViewTransform": "lightly_msn.transforms",
+    "DeviceMultiViewTransform": "lightly_msn.device_transforms",
+    "ViewSpec": "lightly_msn.device_transforms",
     "MSN": "lightly_msn.model",
     "load_backbone": "lightly_msn.model",
     "MSNLightningModule": "lightly_msn.train",
@@ -69,6 +71,8 @@ __all__ = [
     "MSNSchedules",
     "MSNTransform",
     "MSNViewTransform",
+    "DeviceMultiViewTransform",
+    "ViewSpec",
     "MSN",
     "load_backbone",
     "MSNLightningModule",
@@ -76,6 +80,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from lightly_msn.device_transforms import DeviceMultiViewTransform, ViewSpec
     from lightly_msn.ema import update_momentum
     from lightly_msn.heads import MSNProjectionHead, MSNPrototypes
     from lightly_msn.loss import (

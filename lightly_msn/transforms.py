@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -189,7 +190,14 @@ class MSNViewTransform:
         if self.vf_prob > 0:
             _apply_where(views, torch.rand(num_views) < self.vf_prob, _flip_height)
         if self.cj_prob > 0:
-            self._color_jitter(views, torch.rand(num_views) < self.cj_prob)
+            _color_jitter(
+                views,
+                torch.rand(num_views) < self.cj_prob,
+                self.brightness,
+                self.contrast,
+                self.saturation,
+                self.hue,
+            )
         if self.random_gray_scale > 0:
             gray = torch.rand(num_views) < self.random_gray_scale
             _apply_where(views, gray, lambda x: _grayscale(x).expand_as(x))
@@ -201,29 +209,6 @@ class MSNViewTransform:
         if self.mean is not None and self.std is not None:
             views.sub_(self.mean).div_(self.std)
         return views
-
-    def _color_jitter(self, views: Tensor, selected: Tensor) -> None:
-        """torchvision's ColorJitter per view: random factors, random op order."""
-        num_views = views.shape[0]
-        operations: list[tuple[Callable[[Tensor, Tensor], Tensor], Tensor]] = []
-        for amount, operation in [
-            (self.brightness, _adjust_brightness),
-            (self.contrast, _adjust_contrast),
-            (self.saturation, _adjust_saturation),
-        ]:
-            if amount > 0:
-                factors = torch.empty(num_views).uniform_(
-                    max(0.0, 1 - amount), 1 + amount
-                )
-                operations.append((operation, factors))
-        if self.hue > 0:
-            shifts = torch.empty(num_views).uniform_(-self.hue, self.hue)
-            operations.append((_adjust_hue, shifts))
-        order = torch.rand(num_views, len(operations)).argsort(dim=1)
-        for stage in range(len(operations)):
-            for index, (jitter, jitter_factors) in enumerate(operations):
-                at_stage = selected & (order[:, stage] == index)
-                _apply_where(views, at_stage, jitter, jitter_factors)
 
 
 class MSNTransform:
@@ -407,38 +392,57 @@ def _crops(pixels: Tensor, num_views: int, transform: MSNViewTransform) -> Tenso
 
 
 def _sample_crop_boxes(
-    num_views: int, height: int, width: int, scale: tuple[float, float]
+    num_views: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = _CROP_RATIO,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """torchvision's ``RandomResizedCrop.get_params`` for ``num_views`` crops at once.
 
+    ``height`` and ``width`` are the image size, one for all views or a CPU tensor
+    ``(num_views,)`` with each view's image size. Random numbers come from
+    ``generator`` (torch's global one if ``None``); computed on the CPU.
+
     Returns ``(num_views, 4)`` integer rows ``(top, left, height, width)``.
     """
+    height = torch.as_tensor(height, dtype=torch.float64)
+    width = torch.as_tensor(width, dtype=torch.float64)
     shape = (num_views, _CROP_ATTEMPTS)
-    target_area = height * width * torch.empty(shape).uniform_(*scale)
-    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
-    aspect = torch.exp(torch.empty(shape).uniform_(*log_ratio))
-    widths = torch.sqrt(target_area * aspect).round().long()
-    heights = torch.sqrt(target_area / aspect).round().long()
-    valid = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+    area = height * width
+    fraction = torch.empty(shape).uniform_(*scale, generator=generator)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.empty(shape).uniform_(*log_ratio, generator=generator).exp_()
+    target_area = area.view(-1, 1) * fraction.double()
+    widths = torch.sqrt(target_area * aspect.double()).round_()
+    heights = torch.sqrt(target_area / aspect.double()).round_()
+    valid = (
+        (widths > 0)
+        & (widths <= width.view(-1, 1))
+        & (heights > 0)
+        & (heights <= height.view(-1, 1))
+    )
     first_valid = valid.int().argmax(dim=1, keepdim=True)
     crop_w = widths.gather(1, first_valid).squeeze(1)
     crop_h = heights.gather(1, first_valid).squeeze(1)
-    top = (torch.rand(num_views) * (height - crop_h + 1)).long()
-    left = (torch.rand(num_views) * (width - crop_w + 1)).long()
 
-    fallback = ~valid.any(dim=1)
-    if fallback.any():  # centre crop at the closest allowed aspect ratio
-        in_ratio = width / height
-        if in_ratio < _CROP_RATIO[0]:
-            fallback_w, fallback_h = width, int(round(width / _CROP_RATIO[0]))
-        elif in_ratio > _CROP_RATIO[1]:
-            fallback_w, fallback_h = int(round(height * _CROP_RATIO[1])), height
-        else:
-            fallback_w, fallback_h = width, height
-        crop_w[fallback], crop_h[fallback] = fallback_w, fallback_h
-        top[fallback] = (height - fallback_h) // 2
-        left[fallback] = (width - fallback_w) // 2
-    return torch.stack([top, left, crop_h, crop_w], dim=1)
+    # no attempt fits: centre crop of the whole image at the closest allowed ratio
+    in_ratio = width / height
+    fallback_w = torch.where(
+        in_ratio > ratio[1], torch.round(height * ratio[1]), width
+    ).expand(num_views)
+    fallback_h = torch.where(
+        in_ratio < ratio[0], torch.round(width / ratio[0]), height
+    ).expand(num_views)
+    fits = valid.any(dim=1)
+    crop_w = torch.where(fits, crop_w, fallback_w)
+    crop_h = torch.where(fits, crop_h, fallback_h)
+    top = (torch.rand(num_views, generator=generator) * (height - crop_h + 1)).floor_()
+    left = (torch.rand(num_views, generator=generator) * (width - crop_w + 1)).floor_()
+    top = torch.where(fits, top, torch.div(height - crop_h, 2, rounding_mode="floor"))
+    left = torch.where(fits, left, torch.div(width - crop_w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, crop_h, crop_w], dim=1).long()
 
 
 def _apply_where(
@@ -447,17 +451,102 @@ def _apply_where(
     operation: Callable[..., Tensor],
     factors: Tensor | None = None,
 ) -> None:
-    """Replaces ``views[i]`` by ``operation(views[i], factors[i])`` where selected."""
+    """Replaces ``views[i]`` by ``operation(views[i], factors[i])`` where selected.
+
+    ``selected`` and ``factors`` are on the CPU, ``views`` on any device: the
+    selection is made on the CPU, so it never waits for the device.
+    """
     index = selected.nonzero().squeeze(1)
     if index.numel() == 0:
         return
+    if factors is not None:
+        factors = factors.to(views.device, non_blocking=True)
     if index.numel() == views.shape[0]:
-        chosen = views
         arguments = () if factors is None else (factors,)
-    else:
-        chosen = views.index_select(0, index)
-        arguments = () if factors is None else (factors.index_select(0, index),)
+        views.copy_(operation(views, *arguments))
+        return
+    index = index.to(views.device, non_blocking=True)
+    chosen = views.index_select(0, index)
+    arguments = () if factors is None else (factors.index_select(0, index),)
     views.index_copy_(0, index, operation(chosen, *arguments))
+
+
+def _color_jitter(
+    views: Tensor,
+    selected: Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """torchvision's ``ColorJitter`` on the selected views, in place.
+
+    Each view draws its own factors and its own order of the four operations
+    (:func:`_draw_jitter`). ``selected`` and the random numbers are on the CPU
+    (``generator``, or torch's global one if ``None``).
+    """
+    jitter = _draw_jitter(
+        views.shape[0], brightness, contrast, saturation, hue, generator
+    )
+    _apply_jitter(views, selected, jitter)
+
+
+class _Jitter(NamedTuple):
+    """Colour-jitter parameters of ``V`` views, as torchvision's ``ColorJitter``."""
+
+    operations: tuple[Callable[[Tensor, Tensor], Tensor], ...]
+    factors: Tensor  # (V, operations): each view's factor for each operation
+    order: Tensor  # (V, operations): the operation each view applies at each stage
+
+    def rows(self, part: slice) -> _Jitter:
+        """The parameters of views ``part``."""
+        return _Jitter(self.operations, self.factors[part], self.order[part])
+
+
+def _draw_jitter(
+    num_views: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator | None = None,
+) -> _Jitter:
+    """Draws torchvision's ``ColorJitter.get_params`` for ``num_views`` views.
+
+    Brightness, contrast, saturation factors uniform in ``[max(0, 1 - x), 1 + x]``,
+    hue shift uniform in ``[-hue, hue]``, operations with strength 0 left out, and
+    a uniformly random order of the others per view. On the CPU, from
+    ``generator`` (torch's global one if ``None``).
+    """
+    operations: list[Callable[[Tensor, Tensor], Tensor]] = []
+    factors: list[Tensor] = []
+    for amount, operation in [
+        (brightness, _adjust_brightness),
+        (contrast, _adjust_contrast),
+        (saturation, _adjust_saturation),
+    ]:
+        if amount > 0:
+            operations.append(operation)
+            factors.append(
+                torch.empty(num_views).uniform_(
+                    max(0.0, 1 - amount), 1 + amount, generator=generator
+                )
+            )
+    if hue > 0:
+        operations.append(_adjust_hue)
+        factors.append(torch.empty(num_views).uniform_(-hue, hue, generator=generator))
+    order = torch.rand(num_views, len(operations), generator=generator).argsort(dim=1)
+    stacked = torch.stack(factors, dim=1) if factors else torch.empty(num_views, 0)
+    return _Jitter(tuple(operations), stacked, order)
+
+
+def _apply_jitter(views: Tensor, selected: Tensor, jitter: _Jitter) -> None:
+    """Applies ``jitter`` to the selected views, in place, stage by stage."""
+    for stage in range(len(jitter.operations)):
+        for index, operation in enumerate(jitter.operations):
+            at_stage = selected & (jitter.order[:, stage] == index)
+            _apply_where(views, at_stage, operation, jitter.factors[:, index])
 
 
 def _per_view(factors: Tensor) -> Tensor:
@@ -531,18 +620,17 @@ def _gaussian_blur(views: Tensor, sigmas: Tensor, radius: int) -> Tensor:
     use_matrix = height == width and height <= _MATMUL_BLUR_MAX_SIZE
     if not use_matrix:  # F.pad reflects at most size - 1 pixels
         radius = min(radius, height - 1, width - 1)
-    taps = torch.arange(-radius, radius + 1, dtype=views.dtype)
+    device = views.device
+    taps = torch.arange(-radius, radius + 1, dtype=views.dtype, device=device)
     weights = torch.exp(-(taps**2) / (2 * sigmas.view(-1, 1) ** 2))
     weights = weights / weights.sum(dim=1, keepdim=True)
     if use_matrix:
-        rows = _reflect(torch.arange(height).view(-1, 1) + taps.long(), height)
-        matrix = torch.zeros(num_views, height, height, dtype=views.dtype)
-        matrix.scatter_add_(
-            2,
-            rows.expand(num_views, -1, -1),
-            weights.unsqueeze(1).expand(-1, height, -1),
-        )
-        matrix = matrix.unsqueeze(1)
+        pixels = torch.arange(height, device=device)
+        rows = _reflect(pixels.view(-1, 1) + taps.long(), height)  # (height, taps)
+        # tap k of output row i reads input row rows[i, k]; a sum, not scatter_add_,
+        # so that CUDA adds reflected taps in a fixed order (bit-reproducible)
+        reads = (rows.unsqueeze(-1) == pixels).to(views.dtype)  # (height, taps, height)
+        matrix = (weights.view(num_views, 1, -1, 1) * reads).sum(dim=2).unsqueeze(1)
         return matrix @ views @ matrix.transpose(-1, -2)
 
     groups = num_views * channels
