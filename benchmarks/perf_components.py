@@ -41,21 +41,33 @@ LOSS_SHAPE = {"batch_size": 256, "views": 11, "prototypes": 1024, "dim": 256}
 STABILITY_TEMPERATURES = (0.1, 0.05, 0.03, 0.025)
 
 
+# the settings of paper_loss_float64 and their defaults (MSNLoss's)
+PAPER_LOSS_DEFAULTS = {
+    "temperature": 0.1,
+    "sharpen_temperature": 0.25,
+    "sinkhorn_iterations": 3,
+    "regularization_weight": 1.0,
+    "entropy_weight": 0.0,
+}
+
+
 def paper_loss_float64(
     anchors: Tensor,
     targets: Tensor,
     prototypes: Tensor,
-    temperature: float = 0.1,
-    sharpen_temperature: float = 0.25,
-    sinkhorn_iterations: int = 3,
-    regularization_weight: float = 1.0,
-    entropy_weight: float = 0.0,
     prior: Tensor | None = None,
+    **settings: float,
 ) -> Tensor:
     """The MSN objective of the paper, evaluated literally (powers, no log domain)
     in float64: cross-entropy to sharpened, Sinkhorn-normalised targets plus
     ``KL(mean prediction || prior)`` (ME-MAX for the uniform prior) plus the mean
-    per-sample entropy. Differentiable with respect to anchors and prototypes."""
+    per-sample entropy. Differentiable with respect to anchors and prototypes.
+    ``settings`` override :data:`PAPER_LOSS_DEFAULTS` by name."""
+    unknown = sorted(set(settings) - set(PAPER_LOSS_DEFAULTS))
+    if unknown:
+        raise TypeError(f"paper_loss_float64: unknown settings {unknown}")
+    values = {**PAPER_LOSS_DEFAULTS, **settings}
+    temperature = values["temperature"]
     anchors, targets, prototypes = (
         F.normalize(x.double(), dim=1) for x in (anchors, targets, prototypes)
     )
@@ -64,9 +76,9 @@ def paper_loss_float64(
     predictions = torch.softmax(anchors @ prototypes.T / temperature, dim=1)
     with torch.no_grad():
         target_probs = torch.softmax(targets @ prototypes.T / temperature, dim=1)
-        target_probs = target_probs ** (1 / sharpen_temperature)
+        target_probs = target_probs ** (1 / values["sharpen_temperature"])
         target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
-        for _ in range(sinkhorn_iterations):
+        for _ in range(int(values["sinkhorn_iterations"])):
             target_probs = target_probs / target_probs.sum(dim=0, keepdim=True)
             target_probs = target_probs / target_probs.sum(dim=1, keepdim=True)
     target_rows = torch.cat([target_probs] * num_views)
@@ -76,7 +88,11 @@ def paper_loss_float64(
         prior = torch.full((num_prototypes,), 1 / num_prototypes)
     kl = (mean_prediction * (mean_prediction / prior.double()).log()).sum()
     entropy = -(predictions * predictions.log()).sum(dim=1).mean()
-    return cross_entropy + regularization_weight * kl + entropy_weight * entropy
+    return (
+        cross_entropy
+        + values["regularization_weight"] * kl
+        + values["entropy_weight"] * entropy
+    )
 
 
 def clustered_inputs(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -58,3 +60,33 @@ class FixedViews(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[Tensor], int]:
         return [view[index] for view in self.views], 0
+
+
+TINY_PRETRAIN: dict[str, Any] = dict(
+    img_size=16,
+    patch_size=4,
+    focal_size=8,
+    focal_views=2,
+    batch_size=8,
+    num_workers=0,
+    accelerator="cpu",
+    devices=1,
+    progress=False,
+    **TINY_HEAD,
+)
+
+
+class RandomImages(Dataset):
+    """Random RGB PIL images with a ``transform`` attribute, as ImageFolder has."""
+
+    def __init__(self, size: int = 32, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (size, 16, 16, 3), dtype=np.uint8)
+        self.images = [Image.fromarray(p) for p in pixels]
+        self.transform: Any = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.images[index]), index % 2

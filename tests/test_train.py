@@ -1,113 +1,21 @@
-import csv
-import io
 import logging
 import tarfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import timm
 import torch
 from packaging.version import Version
 from PIL import Image
-from pytorch_lightning import Callback, LightningModule, Trainer
-from torch.utils.data import Dataset
 
 from lightly_msn.cli import main
 from lightly_msn.model import load_backbone
 from lightly_msn.train import pretrain
-from tests._train_helpers import TINY_HEAD, TINY_VIT, tiny_vit
+from tests._train_helpers import TINY_PRETRAIN, TINY_VIT, RandomImages, tiny_vit
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / (
     "shared/data/cifar10-jpg.tar.gz"
 )
-TINY_PRETRAIN: dict[str, Any] = dict(
-    img_size=16,
-    patch_size=4,
-    focal_size=8,
-    focal_views=2,
-    batch_size=8,
-    num_workers=0,
-    accelerator="cpu",
-    devices=1,
-    progress=False,
-    **TINY_HEAD,
-)
-
-
-class RandomImages(Dataset):
-    """Random RGB PIL images with a ``transform`` attribute, as ImageFolder has."""
-
-    def __init__(self, size: int = 32, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        pixels = rng.integers(0, 256, (size, 16, 16, 3), dtype=np.uint8)
-        self.images = [Image.fromarray(p) for p in pixels]
-        self.transform: Any = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.transform(self.images[index]), index % 2
-
-
-def seeded_vit() -> Any:
-    torch.manual_seed(0)
-    return tiny_vit()
-
-
-class Killed(Exception):
-    pass
-
-
-class KillAtEpoch(Callback):
-    """Simulates a crash at the start of an epoch (after the previous checkpoint)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: Trainer, module: LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise Killed
-
-
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    kwargs = dict(TINY_PRETRAIN, epochs=2, seed=3, warmup_epochs=1.0)
-    full = pretrain(
-        RandomImages(), vit=seeded_vit(), output_dir=tmp_path / "a", **kwargs
-    )
-
-    with pytest.raises(Killed):
-        pretrain(
-            RandomImages(),
-            vit=seeded_vit(),
-            output_dir=tmp_path / "b",
-            callbacks=[KillAtEpoch(1)],
-            **kwargs,
-        )
-    checkpoint = tmp_path / "b" / "checkpoints" / "epoch=000.ckpt"
-    assert checkpoint.is_file()
-    resumed = pretrain(
-        RandomImages(),
-        vit=seeded_vit(),
-        output_dir=tmp_path / "b",
-        resume=checkpoint,
-        **kwargs,
-    )
-    expected = full.module.state_dict()
-    actual = resumed.module.state_dict()
-    assert expected.keys() == actual.keys()
-    for key in expected:  # weights, EMA target, prototypes, BN statistics
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
-    assert resumed.module.global_step == full.module.global_step == 8
-    for name in ("epoch=000.ckpt", "epoch=001.ckpt", "last.ckpt"):
-        assert (tmp_path / "a" / "checkpoints" / name).is_file()
-    assert full.plot is not None and full.plot.stat().st_size > 0
-    # the metrics of the resumed run cover both epochs, each step once
-    with (tmp_path / "b" / "metrics.csv").open() as file:
-        steps = [int(row["step"]) for row in csv.DictReader(file) if row["loss"]]
-    assert steps == list(range(8))
 
 
 def test_export_loads_into_timm_without_missing_keys(
@@ -150,44 +58,6 @@ def test_export_loads_into_timm_without_missing_keys(
         torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-6)
     post_norm = load_backbone(result.backbone, norm=True)(images)
     torch.testing.assert_close(post_norm, vit.eval()(images), atol=1e-5, rtol=1e-5)
-
-
-def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_save = torch.save
-    saved: list[str] = []
-
-    def save_then_fill_the_disk(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
-        saved.append(str(path))
-        if len(saved) <= 2:  # epoch 0: epoch=000.ckpt and last.ckpt
-            real_save(obj, path, *args, **kwargs)
-            return
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
-    with pytest.raises(OSError, match="No space left"):
-        pretrain(
-            RandomImages(16),
-            vit=tiny_vit(),
-            epochs=2,
-            output_dir=tmp_path,
-            **TINY_PRETRAIN,
-        )
-    checkpoints = tmp_path / "checkpoints"
-    # the torn file was a temporary one beside the target, and it is gone
-    assert Path(saved[-1]).parent == checkpoints
-    assert Path(saved[-1]).name.endswith(".partial")
-    assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "epoch=000.ckpt",
-        "last.ckpt",
-    ]
-    for name in ("epoch=000.ckpt", "last.ckpt"):
-        checkpoint = torch.load(checkpoints / name, weights_only=True)
-        assert checkpoint["epoch"] == 0
 
 
 def test_load_backbone_rejects_foreign_files(tmp_path: Path) -> None:

@@ -110,12 +110,9 @@ class IBOT(DINO):
         )
         return loss
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        # lightly's benchmark clips the gradient norm (after unscaling under AMP)
         self.clip_gradients(
             optimizer,
             gradient_clip_val=float(self.recipe["clip_grad"]),
