@@ -1,15 +1,13 @@
 """Evaluation of a pretrained method with ``lightly_msn.eval``: kNN, few-shot, MAP@R.
 
 The benchmark only wires the package's evaluation toolkit to the methods: every
-number comes from ``lightly_msn.eval`` (``embed``, ``evaluate_features``,
-``KNNClassifier``); this module turns them into the benchmark's JSON record.
+number comes from ``lightly_msn.eval`` (``embed``, ``evaluate_features``); this module
+turns them into the benchmark's JSON record and measures accuracy during training.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightly_msn.eval.embed import embed
-from lightly_msn.eval.knn import KNNClassifier
-from lightly_msn.eval.protocols import FeatureEvaluation
-from lightly_msn.files import atomic_write_text
+from lightly_msn.eval.protocols import FeatureEvaluation, evaluate_features
 
 
 class FeatureExtractor(nn.Module):
@@ -75,45 +71,113 @@ def evaluation_record(evaluation: FeatureEvaluation) -> dict[str, Any]:
     }
 
 
-class KNNMonitor(Callback):
-    """kNN top-1 on a small bank before training and after every epoch.
+class ProgressEvaluation(Callback):
+    """kNN (and few-shot) accuracy during training, against the compute spent.
 
-    Runs on the global-zero rank only; the time it takes is recorded so that it can
-    be subtracted from the pretraining wall time. With ``path`` the curve is saved
-    after every point (atomically) and read back when the run resumes, so a
-    resumed run's curve still starts at the initialisation.
+    Measures at the start of training (the initialisation) and then either after
+    every epoch (``fractions=None``) or when the optimizer steps reach the given
+    fractions of the run's total (``(0.25, 0.5)``: after a quarter and half of the
+    budget). Each point records the epoch, step, images seen, the training wall
+    time so far (the time spent here excluded) and the accuracies: kNN top-1 with
+    ``k`` neighbours and, with ``shots``, the few-shot top-1 (mean over ``seeds``
+    draws) at ``shots`` labelled images per class.
+
+    Runs on the global-zero rank. The points and times are part of the callback's
+    state, so they are saved in checkpoints and a resumed run continues the curve.
     """
 
     def __init__(
-        self, bank: Dataset, test: Dataset, k: int = 20, path: Path | None = None
+        self,
+        bank: Dataset,
+        test: Dataset,
+        k: int = 20,
+        fractions: tuple[float, ...] | None = None,
+        shots: int | None = None,
+        seeds: int = 3,
+        global_batch_size: int = 1,
     ) -> None:
+        if fractions is not None and not all(0 < f < 1 for f in fractions):
+            raise ValueError(f"fractions must lie in (0, 1), got {fractions}")
         self.bank = bank
         self.test = test
         self.k = k
-        self.path = path
+        self.fractions = tuple(sorted(fractions)) if fractions is not None else None
+        self.shots = shots
+        self.seeds = seeds
+        self.global_batch_size = global_batch_size
         self.curve: list[dict[str, float]] = []
-        if path is not None and path.is_file():
-            self.curve = json.loads(path.read_text())
-        self.seconds = 0.0
+        self.seconds = 0.0  # spent measuring in this process
+        self.train_seconds = 0.0  # trained before this process (resumed runs)
+        self._start = 0.0
 
-    def measure(self, trainer: Trainer, method: LightningModule, epoch: int) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve, "train_seconds": self.elapsed_training()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = list(state_dict["curve"])
+        self.train_seconds = float(state_dict["train_seconds"])
+
+    def elapsed_training(self) -> float:
+        """Training wall time so far, measurements excluded, resumed runs included."""
+        if not self._start:
+            return self.train_seconds
+        return self.train_seconds + time.perf_counter() - self._start - self.seconds
+
+    def measure(self, trainer: Trainer, method: LightningModule, epoch: float) -> None:
+        """Records a point; ``epoch`` counts the epochs trained (may be fractional)."""
         if not trainer.is_global_zero:
             return
+        trained = self.elapsed_training()
         start = time.perf_counter()
         with torch.no_grad():
             bank = embed_method(method, self.bank)
             test = embed_method(method, self.test)
-        knn = KNNClassifier(ks=(self.k,)).fit(*bank)
-        top1 = knn.score(*test)[f"knn_top1@{self.k}"]
-        self.curve = [point for point in self.curve if point["epoch"] < epoch]
-        self.curve.append({"epoch": epoch, "top1": top1})
-        if self.path is not None:
-            atomic_write_text(self.path, json.dumps(self.curve))
+        evaluation = evaluate_features(
+            bank,
+            test,
+            knn_ks=(self.k,),
+            retrieval=False,
+            shots=(self.shots,) if self.shots else (),
+            seeds=self.seeds,
+        )
+        point: dict[str, float] = {
+            "epoch": epoch,
+            "step": trainer.global_step,
+            "images_seen": trainer.global_step * self.global_batch_size,
+            "train_seconds": trained,
+            "top1": evaluation.knn[self.k]["top1"],
+        }
+        if evaluation.fewshot:
+            point["fewshot_top1"] = evaluation.fewshot[0].mean
+        self.curve = [p for p in self.curve if p["step"] < point["step"]] + [point]
         self.seconds += time.perf_counter() - start
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch == 0:
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        if trainer.global_step == 0:
             self.measure(trainer, pl_module, epoch=0)
 
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.fractions is None:
+            return
+        total = trainer.estimated_stepping_batches
+        done = {p["step"] for p in self.curve}
+        for fraction in self.fractions:
+            step = max(1, round(fraction * total))
+            if trainer.global_step == step and step not in done:
+                epoch = trainer.current_epoch + (batch_idx + 1) / max(
+                    1, trainer.num_training_batches
+                )
+                self.measure(trainer, pl_module, epoch=epoch)
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.measure(trainer, pl_module, epoch=trainer.current_epoch + 1)
+        if self.fractions is None:
+            self.measure(trainer, pl_module, epoch=trainer.current_epoch + 1)

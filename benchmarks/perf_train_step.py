@@ -275,6 +275,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument(
+        "--precisions",
+        default="32-true,bf16-mixed",
+        help="comma separated Lightning precisions (bf16 needs native bf16 matrix "
+        "instructions on a CPU: AVX-512-BF16 or AMX)",
+    )
+    parser.add_argument(
         "--onednn-linear",
         action="store_true",
         help="also time ours in fp32 with oneDNN linear layers (CPU only)",
@@ -286,7 +292,7 @@ def main() -> None:
     batch_size = args.batch_size
 
     builders: dict[str, tuple[Callable[[], LightningModule], str]] = {}
-    for precision in ("32-true", "bf16-mixed"):
+    for precision in args.precisions.split(","):
         short = "fp32" if precision == "32-true" else precision
         builders[f"lightly {short}"] = (partial(lightly_module, batch_size), precision)
         builders[f"ours {short}"] = (ours_module, precision)
@@ -331,9 +337,10 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {where}, batch {batch_size}")
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (median of {args.repeats})")
-    baseline = batch_size / statistics.median(times["lightly fp32"])
+    baseline_name = next(name for name in modules if name.startswith("lightly"))
+    baseline = batch_size / statistics.median(times[baseline_name])
     header = (
-        "| config | step ms | img/s | x lightly fp32 | GFLOP/step | GFLOP/s | "
+        f"| config | step ms | img/s | x {baseline_name} | GFLOP/step | GFLOP/s | "
         "MFU (fp32 peak) | loss |"
     )
     print(header)
@@ -347,7 +354,8 @@ def main() -> None:
             f"{throughput / baseline:.2f} | {gflops:.1f} | {gflops / seconds:.1f} | "
             f"{gflops / seconds / peak:.0%} | {losses[name]:.3f} |"
         )
-    for short in ("fp32", "bf16-mixed"):
+    for short in [name[len("ours ") :] for name in modules if name.endswith("block")]:
+        short = short.removesuffix(", full last block")
         fast = statistics.median(times[f"ours {short}"])
         full = statistics.median(times[f"ours {short}, full last block"])
         print(f"class-token shortcut, {short}: step {full / fast:.3f}x faster with it")

@@ -27,6 +27,7 @@ from benchmarks.methods import method_sort_key
 from lightly_msn.files import atomic_path, atomic_write_text
 
 RECORD_SUFFIX = ".json"
+STAGE_K = 20  # the k of the kNN accuracy measured during training
 NOT_RECORDS = frozenset({"summary.json"})
 
 
@@ -85,12 +86,30 @@ def flatten(
         row[f"fewshot_{setting}_mean"] = entry.get("mean")
         row[f"fewshot_{setting}_std"] = entry.get("std")
     row["map_at_r"] = record.get("retrieval", {}).get("mean_average_precision_at_r")
+    initial = initial_knn(record)
+    row["knn_top1_init"] = initial
+    final = row.get(f"knn_top1_k{STAGE_K}")
+    row["knn_gain"] = None if initial is None or final is None else final - initial
     row["epochs"] = pretrain.get("epochs")
     row["pretrain_wall_time_s"] = pretrain.get("wall_time_s")
     row["images_per_s"] = pretrain.get("images_per_s")
     row["peak_memory_mb"] = pretrain.get("peak_memory_mb")
     row["memory_kind"] = pretrain.get("memory_kind")
     return row
+
+
+def initial_knn(record: dict[str, Any]) -> float | None:
+    """kNN top-1 (k = 20) of the initialisation on the final bank and test set.
+
+    Known when the run measured its progress on the full sets (``stages``); the
+    per-epoch monitor uses smaller sets, whose numbers are not comparable.
+    """
+    if record.get("knn_curve_sets") != "bank":
+        return None
+    for point in record.get("knn_curve", []):
+        if point["step"] == 0:
+            return float(point["top1"])
+    return None
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -124,8 +143,10 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     rows = [flatten(record, ks, settings) for record in records]
     memory_kinds = {row["memory_kind"] for row in rows if row["memory_kind"]}
     memory = "GPU" if memory_kinds == {"gpu"} else "RSS"
+    with_init = any(row["knn_top1_init"] is not None for row in rows)
     header = (
         ["method"]
+        + ([f"kNN k={STAGE_K} at init", "gain"] if with_init else [])
         + [f"kNN k={k}" for k in ks]
         + [f"{s} {'labelled' if s.endswith('%') else 'per class'}" for s in settings]
         + ["MAP@R", "pretrain (min)", "img/s", f"peak {memory} (MB)"]
@@ -148,6 +169,12 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         cells = [row["method"]]
+        if with_init:
+            gain = row["knn_gain"]
+            cells += [
+                _number(row["knn_top1_init"]),
+                "–" if gain is None else f"{gain:+.1f}",
+            ]
         cells += [
             cell(row, f"knn_top1_k{k}", _number(row[f"knn_top1_k{k}"])) for k in ks
         ]
@@ -225,9 +252,54 @@ def plot_knn_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
             None,
         )
         for record in records
-        if record.get("knn_curve")
+        if record.get("knn_curve") and record.get("knn_curve_sets") != "bank"
     ]
     return _save_plot(path, series, "epoch", "kNN top-1 (%), monitoring bank")
+
+
+def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy against training wall time and against images seen, per method.
+
+    Two rows (kNN top-1 with k = 20, few-shot top-1 at the stages' labels per class)
+    and two columns (minutes of training, measurements excluded; images seen), one
+    line per method, from the staged curves; ``None`` without staged curves.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    staged = [r for r in records if r.get("knn_curve_sets") == "bank"]
+    if not staged:
+        return None
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    rows = [
+        ("top1", f"kNN top-1 (%), k={STAGE_K}"),
+        ("fewshot_top1", "few-shot top-1 (%)"),
+    ]
+    columns = [
+        ("train_seconds", "training wall time (min)", 1 / 60),
+        ("images_seen", "images seen", 1.0),
+    ]
+    for (key, ylabel), row_axes in zip(rows, axes, strict=True):
+        for (x_key, xlabel, scale), axis in zip(columns, row_axes, strict=True):
+            for record in staged:
+                points = [p for p in record["knn_curve"] if key in p]
+                axis.plot(
+                    [p[x_key] * scale for p in points],
+                    [p[key] for p in points],
+                    marker="o",
+                    label=record["method"],
+                )
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel(ylabel)
+            axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+    return path
 
 
 def summarize(run_dir: Path) -> str:
@@ -241,4 +313,5 @@ def summarize(run_dir: Path) -> str:
     write_csv(records, run_dir / "results.csv")
     plot_fewshot(records, run_dir / "fewshot.png")
     plot_knn_curves(records, run_dir / "knn_curve.png")
+    plot_progress(records, run_dir / "progress.png")
     return table

@@ -38,15 +38,16 @@ from typing import Any
 
 import torch
 import yaml
-from pytorch_lightning import Callback, Trainer, seed_everything
+from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from benchmarks import results
-from benchmarks.evaluate import KNNMonitor, embed_method, evaluation_record
+from benchmarks.evaluate import ProgressEvaluation, embed_method, evaluation_record
 from benchmarks.methods import available_methods, load_method
 from benchmarks.methods.base import BenchmarkConfig
+from benchmarks.results import STAGE_K
 from lightly_msn.data import (
     TransformedSubset,
     balanced_indices,
@@ -55,7 +56,7 @@ from lightly_msn.data import (
     eval_transform,
 )
 from lightly_msn.eval.fewshot import parse_shots
-from lightly_msn.eval.protocols import evaluate_features
+from lightly_msn.eval.protocols import FeatureEvaluation, evaluate_features
 from lightly_msn.train import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -182,10 +183,62 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
         "bank": subset("train", config.bank_subset, 1),
         "test": subset("test", config.test_subset, 2),
     }
-    if config.monitor_bank > 0 and config.monitor_test > 0:
+    if config.stages is None and config.monitor_bank > 0 and config.monitor_test > 0:
         sets["monitor_bank"] = subset("train", config.monitor_bank, 3)
         sets["monitor_test"] = subset("test", config.monitor_test, 4)
     return sets
+
+
+def progress_callback(
+    config: BenchmarkConfig, sets: dict[str, Dataset]
+) -> ProgressEvaluation | None:
+    """The accuracy-during-training callback of a run, if its profile asks for one.
+
+    ``benchmark.stages`` (fractions of the budget) measures kNN and few-shot on the
+    full bank and test set at those points (and at the initialisation); otherwise
+    ``monitor_bank`` / ``monitor_test`` measure kNN on small sets after every
+    epoch.
+    """
+    if config.stages is not None:
+        return ProgressEvaluation(
+            sets["bank"],
+            sets["test"],
+            k=STAGE_K,
+            fractions=config.stages,
+            shots=config.stage_shots,
+            seeds=config.fewshot_seeds,
+            global_batch_size=config.global_batch_size,
+        )
+    if "monitor_bank" in sets:
+        return ProgressEvaluation(
+            sets["monitor_bank"],
+            sets["monitor_test"],
+            k=min(STAGE_K, config.monitor_bank),
+            global_batch_size=config.global_batch_size,
+        )
+    return None
+
+
+def final_stage(
+    evaluation: FeatureEvaluation,
+    trainer: Trainer,
+    config: BenchmarkConfig,
+    train_seconds: float,
+    images_seen: int,
+) -> dict[str, float]:
+    """The 100 % point of the staged curve, read off the final evaluation."""
+    point = {
+        "epoch": trainer.current_epoch,
+        "step": trainer.global_step,
+        "images_seen": images_seen,
+        "train_seconds": train_seconds,
+        "top1": evaluation.knn[STAGE_K]["top1"],
+    }
+    setting = str(config.stage_shots)
+    for result in evaluation.fewshot:
+        if result.name == setting:
+            point["fewshot_top1"] = result.mean
+    return point
 
 
 def pretrain_and_evaluate(
@@ -214,18 +267,10 @@ def pretrain_and_evaluate(
         resume=last if last.is_file() else None,
         overwrite=not last.is_file(),
     )
-    callbacks: list[Callback] = []
-    monitor = None
-    if "monitor_bank" in sets:
-        monitor = KNNMonitor(
-            sets["monitor_bank"],
-            sets["monitor_test"],
-            k=min(20, config.monitor_bank),
-            path=method_dir / "knn_curve.json",
-        )
-        callbacks.append(monitor)
+    progress_evaluation = progress_callback(config, sets)
     arguments = run_trainer_arguments(method_dir, progress=progress)
-    arguments["callbacks"] += callbacks
+    if progress_evaluation is not None:
+        arguments["callbacks"].append(progress_evaluation)
     datamodule.setup("fit")
     steps_per_epoch = len(datamodule.train_dataset) // config.global_batch_size  # type: ignore[arg-type]
     trainer = Trainer(
@@ -236,8 +281,11 @@ def pretrain_and_evaluate(
     )
     start = time.perf_counter()
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume)
-    monitor_seconds = monitor.seconds if monitor is not None else 0.0
-    pretrain_seconds = time.perf_counter() - start - monitor_seconds
+    pretrain_seconds = (
+        progress_evaluation.elapsed_training()
+        if progress_evaluation is not None
+        else time.perf_counter() - start
+    )
     if not trainer.is_global_zero:
         return None
     # Lightning moves the module back to the CPU after fit; evaluate where it trained
@@ -247,16 +295,19 @@ def pretrain_and_evaluate(
     images_seen = trainer.global_step * config.global_batch_size
 
     start = time.perf_counter()
-    features = evaluation_record(
-        evaluate_features(
-            embed_method(method, sets["bank"], progress=progress),
-            embed_method(method, sets["test"], progress=progress),
-            knn_ks=config.knn_ks,
-            shots=parse_shots(",".join(config.fewshot)),
-            seeds=config.fewshot_seeds,
-            progress=progress,
-        )
+    evaluation = evaluate_features(
+        embed_method(method, sets["bank"], progress=progress),
+        embed_method(method, sets["test"], progress=progress),
+        knn_ks=config.knn_ks,
+        shots=parse_shots(",".join(config.fewshot)),
+        seeds=config.fewshot_seeds,
+        progress=progress,
     )
+    curve = list(progress_evaluation.curve) if progress_evaluation else []
+    if config.stages is not None:  # the last stage is the final evaluation
+        curve.append(
+            final_stage(evaluation, trainer, config, pretrain_seconds, images_seen)
+        )
     loss = trainer.callback_metrics.get("loss")
     record: dict[str, Any] = {
         "method": method_name,
@@ -280,8 +331,9 @@ def pretrain_and_evaluate(
             "test_images": len(sets["test"]),  # type: ignore[arg-type]
             "wall_time_s": time.perf_counter() - start,
         },
-        **features,
-        "knn_curve": monitor.curve if monitor is not None else [],
+        **evaluation_record(evaluation),
+        "knn_curve": curve,
+        "knn_curve_sets": "bank" if config.stages is not None else "monitor",
     }
     results.write_record(run_dir, record)
     return record

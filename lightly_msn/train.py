@@ -616,23 +616,37 @@ class DistributedBatchNorm(Callback):
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(pl_module)
 
 
-class CPUAttentionKernel(Callback):
-    """Explicit attention instead of the fused kernel on a CPU under autocast.
+class CPULowPrecision(Callback):
+    """What bfloat16 / float16 autocast on a CPU needs: the attention kernel, a warning.
 
-    On CPU under bfloat16 (or float16) autocast, the backward pass of
-    ``scaled_dot_product_attention`` is several times slower than timm's explicit
-    attention (see docs/training.md), so every timm ``Attention`` of the trained
-    module uses the explicit one while it trains (timm's own ``fused_attn`` switch,
-    set once per fit and restored after it). Elsewhere timm's choice stands.
+    - On CPU under bfloat16 (or float16) autocast, the backward pass of
+      ``scaled_dot_product_attention`` is several times slower than timm's explicit
+      attention (see docs/training.md), so every timm ``Attention`` of the trained
+      module uses the explicit one while it trains (timm's own ``fused_attn``
+      switch, set once per fit and restored after it). Elsewhere timm's choice
+      stands.
+    - A CPU without native bfloat16 matrix instructions (AVX-512-BF16 or AMX, as
+      oneDNN reports them) computes bfloat16 matrix products in a reference kernel
+      that is tens of times slower than float32: a warning says so and names the
+      precision to use instead.
     """
 
     def __init__(self) -> None:
         self._previous: list[tuple[Attention, bool]] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        low_precision = str(trainer.precision) in ("bf16-mixed", "16-mixed")
-        if trainer.strategy.root_device.type != "cpu" or not low_precision:
+        precision = str(trainer.precision)
+        if trainer.strategy.root_device.type != "cpu":
             return
+        if precision not in ("bf16-mixed", "16-mixed"):
+            return
+        if precision == "bf16-mixed" and not cpu_has_native_bfloat16():
+            logger.warning(
+                "this CPU has no native bfloat16 matrix instructions (AVX-512-BF16 "
+                "or AMX): under precision=bf16-mixed its matrix products run in a "
+                "reference kernel, many times slower than float32; train with "
+                "precision='32-true' (--trainer.precision 32-true)"
+            )
         for module in pl_module.modules():
             if isinstance(module, Attention):
                 self._previous.append((module, bool(module.fused_attn)))
@@ -644,6 +658,12 @@ class CPUAttentionKernel(Callback):
         for module, fused in self._previous:
             module.fused_attn = fused  # type: ignore[misc]
         self._previous.clear()
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 matrix products natively on this CPU."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else True
 
 
 class UnreadableImagesReport(Callback):
@@ -699,7 +719,7 @@ def run_trainer_arguments(
         loggers.append(TensorBoardLogger(output_dir, name="", version="tensorboard"))
     callbacks: list[Callback] = [
         DistributedBatchNorm(),
-        CPUAttentionKernel(),
+        CPULowPrecision(),
         UnreadableImagesReport(),
     ]
     if checkpoint_every_n_epochs is not None:

@@ -442,3 +442,97 @@ def test_perf_train_step_onednn_linear_matches_torch_linear() -> None:
         outputs.append((out, x.grad, layer.weight.grad, layer.bias.grad))
     for expected, actual in zip(*outputs, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -> None:
+    from benchmarks.run import pretrain_and_evaluate
+
+    config = tiny_config(
+        trainer={"max_epochs": 2},
+        data={"train_subset": 32},
+        benchmark={
+            "bank_subset": 60,
+            "test_subset": 30,
+            "knn_ks": [5, 20],
+            "fewshot": ["1", "2"],
+            "fewshot_seeds": 2,
+            "stages": [0.25, 0.5],
+            "stage_shots": 2,
+        },
+    )
+    record = pretrain_and_evaluate(config, "simclr", tmp_path / "run", progress=False)
+    assert record is not None and record["knn_curve_sets"] == "bank"
+    curve = record["knn_curve"]
+    # 2 epochs of 32 images / 8 = 8 steps: init, 25 % (2), 50 % (4), the end (8)
+    assert [p["step"] for p in curve] == [0, 2, 4, 8]
+    assert [p["epoch"] for p in curve] == [0, 0.5, 1.0, 2]
+    assert [p["images_seen"] for p in curve] == [0, 16, 32, 64]
+    seconds = [p["train_seconds"] for p in curve]
+    assert seconds == sorted(seconds) and seconds[0] < seconds[-1]
+    assert all(0 <= p["fewshot_top1"] <= 100 for p in curve)
+    # the last point is the final evaluation's k=20 kNN and 2-shot accuracy
+    assert curve[-1]["top1"] == record["knn"]["20"]["top1"]
+    two_shot = [e["mean"] for e in record["fewshot"] if e["setting"] == "2"]
+    assert curve[-1]["fewshot_top1"] == two_shot[0]
+    table = results.summarize(tmp_path / "run")
+    assert "kNN k=20 at init | gain" in table
+    initial = f"{curve[0]['top1']:.1f}"
+    assert f"| simclr | {initial} |" in table
+    assert (tmp_path / "run" / "progress.png").stat().st_size > 0
+
+
+def test_stages_need_their_final_evaluation_settings() -> None:
+    with pytest.raises(ValueError, match="stages must lie in"):
+        tiny_config(benchmark={"stages": [0.5, 1.0]})
+    with pytest.raises(ValueError, match="k=20 in knn_ks and '5' in fewshot"):
+        tiny_config(benchmark={"stages": [0.5], "fewshot": ["1"]})
+
+
+def test_tuning_logs_every_trial_and_picks_the_best_per_method(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import tune
+
+    tuning_dir = tmp_path / "tuning"
+    scores = {("msn", 0): 20.0, ("msn", 1): 30.0, ("dino", 0): 25.0, ("dino", 1): 5.0}
+    for (method, index), value in scores.items():
+        record = fake_record(method, 0.0)
+        for entry in record["fewshot"]:
+            entry["mean"] = value
+        tune.write_trial_log(
+            tuning_dir, method, index, {"lr_per_256": 10.0**-index}, record, "fewshot"
+        )
+    table = tune.summarize_tuning(tuning_dir)
+    winners = yaml.safe_load((tuning_dir / "winners.yaml").read_text())
+    assert winners == {"dino": {"lr_per_256": 1.0}, "msn": {"lr_per_256": 0.1}}
+    assert "| msn | 1 |" in table and "**30.00**" in table and "**25.00**" in table
+    with (tuning_dir / "trials.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["method"], r["winner"]) for r in rows] == [
+        ("dino", "True"),
+        ("dino", "False"),
+        ("msn", "False"),
+        ("msn", "True"),
+    ]
+    log = json.loads((tuning_dir / "msn-1.json").read_text())
+    assert log["score"] == 30.0 and log["overrides"] == {"lr_per_256": 0.1}
+
+
+def test_tuning_plans_give_every_method_the_same_trials(tmp_path: Path) -> None:
+    from benchmarks import tune
+
+    plan = {
+        "profile": "cpu-quick",
+        "shorten": {"data": {"validation_size": 100}},
+        "metric": "fewshot",
+        "trials": {"msn": [{}, {"lr_per_256": 1e-3}], "dino": [{}]},
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(ValueError, match="same number of trials"):
+        tune.load_plan(str(path))
+    plan["trials"]["dino"].append({"teacher_temp": 0.07})
+    plan["metric"] = "loss"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(ValueError, match="metric must be one of"):
+        tune.load_plan(str(path))

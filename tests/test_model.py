@@ -120,7 +120,7 @@ def test_fast_class_token_block_matches_the_full_block_with_gradients() -> None:
 
 @pytest.mark.parametrize("fast_class_token", [True, False])
 def test_explicit_attention_matches_fused_attention(fast_class_token: bool) -> None:
-    # CPUAttentionKernel switches timm's flag off under CPU bf16 autocast; the
+    # CPULowPrecision switches timm's flag off under CPU bf16 autocast; the
     # class-token shortcut must follow the flag like timm's own Attention
     torch.manual_seed(0)
     fused = MSN(tiny_vit(qkv_bias=True), mask_ratio=0.25, **TINY_HEAD).double()

@@ -7,11 +7,21 @@ import timm
 import torch
 from packaging.version import Version
 from PIL import Image
+from pytorch_lightning import Trainer
+from torch.utils.data import DataLoader
 
 from lightly_msn.cli import main
 from lightly_msn.model import load_backbone
 from lightly_msn.train import pretrain
-from tests._train_helpers import TINY_PRETRAIN, TINY_VIT, RandomImages, tiny_vit
+from tests._train_helpers import (
+    TINY_PRETRAIN,
+    TINY_VIT,
+    FixedViews,
+    RandomImages,
+    quiet_cpu_trainer,
+    tiny_module,
+    tiny_vit,
+)
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / (
     "shared/data/cifar10-jpg.tar.gz"
@@ -193,3 +203,49 @@ def test_pretrain_accepts_a_lightly_dataset(tmp_path: Path) -> None:
         **{**TINY_PRETRAIN, "batch_size": 4},
     )  # fmt: skip
     assert result.module.global_step == 2
+
+
+def test_cpu_bf16_training_uses_explicit_attention_and_restores_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from timm.models.vision_transformer import Attention
+
+    import lightly_msn.train as train_module
+    from lightly_msn.train import CPULowPrecision
+
+    module = tiny_module()
+    attention = [m for m in module.modules() if isinstance(m, Attention)]
+    seen: list[bool] = []
+    hook = attention[0].register_forward_pre_hook(
+        lambda layer, _: seen.append(bool(layer.fused_attn))
+    )
+    monkeypatch.setattr(train_module, "cpu_has_native_bfloat16", lambda: False)
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CPULowPrecision()],
+    )
+    with caplog.at_level(logging.WARNING, logger="lightly_msn.train"):
+        trainer.fit(module, DataLoader(FixedViews(size=8), batch_size=8))
+    hook.remove()
+    assert seen and not any(seen)  # explicit attention while training
+    assert all(m.fused_attn for m in attention)  # timm's choice restored
+    assert "no native bfloat16 matrix instructions" in caplog.text
+    # fp32 keeps timm's fused attention and says nothing
+    seen.clear()
+    caplog.clear()
+    hook = attention[0].register_forward_pre_hook(
+        lambda layer, _: seen.append(bool(layer.fused_attn))
+    )
+    quiet = quiet_cpu_trainer()
+    quiet.callbacks.append(CPULowPrecision())
+    with caplog.at_level(logging.WARNING, logger="lightly_msn.train"):
+        quiet.fit(tiny_module(), DataLoader(FixedViews(size=8), batch_size=8))
+    hook.remove()
+    assert "bfloat16" not in caplog.text

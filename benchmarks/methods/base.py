@@ -68,6 +68,12 @@ class BenchmarkConfig:
         fewshot: Labelled images per class (``"1"``) or percent of the bank
             (``"1%"``) of the few-shot evaluation.
         fewshot_seeds: Number of few-shot splits per setting.
+        stages: Fractions of the budget (e.g. ``[0.25, 0.5]``) at which kNN
+            (k = 20) and few-shot (``stage_shots`` per class) accuracy are measured
+            on the full bank and test set, besides the initialisation and the end;
+            ``None`` measures kNN on the monitor sets after every epoch instead.
+        stage_shots: Labelled images per class of the few-shot accuracy of the
+            stages (the final evaluation must include this setting and k = 20).
         methods: Per-method keyword overrides of recipe values.
     """
 
@@ -83,6 +89,8 @@ class BenchmarkConfig:
     knn_ks: tuple[int, ...] = (20, 200)
     fewshot: tuple[str, ...] = ("1", "2", "5", "1%")
     fewshot_seeds: int = 3
+    stages: tuple[float, ...] | None = None
+    stage_shots: int = 5
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +125,17 @@ class BenchmarkConfig:
             )
         self.knn_ks = tuple(int(k) for k in self.knn_ks)
         self.fewshot = tuple(str(setting) for setting in self.fewshot)
+        if self.stages is not None:
+            self.stages = tuple(float(f) for f in self.stages)
+            if not all(0 < f < 1 for f in self.stages):
+                raise ValueError(
+                    f"BenchmarkConfig: stages must lie in (0, 1), got {self.stages}."
+                )
+            if 20 not in self.knn_ks or str(self.stage_shots) not in self.fewshot:
+                raise ValueError(
+                    "BenchmarkConfig: with stages the final evaluation needs k=20 in "
+                    f"knn_ks and '{self.stage_shots}' in fewshot."
+                )
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any]) -> BenchmarkConfig:

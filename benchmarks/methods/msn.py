@@ -39,6 +39,11 @@ class MSNMethod(MSNLightningModule):
         momentum=0.996,
         mask_ratio=0.15,
         num_prototypes=1024,
+        hidden_dim=2048,
+        output_dim=256,
+        temperature=0.1,
+        sharpen_temperature=0.25,
+        me_max_weight=1.0,
         feature_norm=True,  # class token after the final norm, as for the others
     )
 
@@ -50,6 +55,12 @@ class MSNMethod(MSNLightningModule):
             vit=make_vit(config),
             mask_ratio=recipe["mask_ratio"],
             num_prototypes=recipe["num_prototypes"],
+            hidden_dim=recipe["hidden_dim"],
+            output_dim=recipe["output_dim"],
+            temperature=recipe["temperature"],
+            sharpen_temperature=recipe["sharpen_temperature"],
+            final_sharpen_temperature=recipe["sharpen_temperature"],
+            me_max_weight=recipe["me_max_weight"],
             num_random_views=2,
             lr=lr,
             start_lr=lr * recipe["start_lr_fraction"],

@@ -31,6 +31,7 @@ class PMSNMethod(MSNMethod):
         method.criterion = MSNLoss(
             temperature=method.criterion.temperature,
             sinkhorn_iterations=method.criterion.sinkhorn_iterations,
+            regularization_weight=method.criterion.regularization_weight,
             gather_distributed=method.criterion.gather_distributed,
             target_distribution="power_law",
             power_law_exponent=method.recipe["power_law_exponent"],
