@@ -248,11 +248,11 @@ def _build_cifar10(
             download=True,
         )
     except Exception as error:  # no network, bad archive, ...
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"could not load or download CIFAR-10 into {download_root} ({error}). "
-            "Offline, pass data_dir (--data-dir) pointing at a local ImageFolder with "
-            "train/ and test/ sub-folders, or at a folder holding torchvision's "
-            "cifar-10-batches-py"
+            "Offline, pass data_dir (--data.data_dir) pointing at a local "
+            "ImageFolder with train/ and test/ sub-folders, or at a folder holding "
+            "torchvision's cifar-10-batches-py"
         ) from error
 
 

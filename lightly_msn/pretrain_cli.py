@@ -109,6 +109,7 @@ class PretrainCLI(LightningCLI):
             overwrite=config["overwrite"],
         )
         trainer_config = {**self.config_init["trainer"], **kwargs}
+        check_training_length(trainer_config)
         if trainer_config.pop("default_root_dir", None) is not None:
             raise ValueError("set the run directory with --output_dir")
         checkpointing = trainer_config.pop("enable_checkpointing", None) is not False
@@ -130,6 +131,20 @@ class PretrainCLI(LightningCLI):
         return fit_and_export(
             self.trainer, self.model, self.datamodule, resume=self.checkpoint
         )
+
+
+def check_training_length(trainer_config: dict[str, Any]) -> None:
+    """Refuses a trainer that would train nothing (and export an untrained ViT)."""
+    epochs = trainer_config.get("max_epochs")
+    steps = trainer_config.get("max_steps", -1)
+    if epochs is not None and (epochs == 0 or epochs < -1):
+        raise ValueError(f"--trainer.max_epochs must be >= 1, got {epochs}")
+    if epochs == -1 and (steps is None or steps < 1):
+        raise ValueError(
+            "--trainer.max_epochs -1 (no epoch limit) needs --trainer.max_steps >= 1"
+        )
+    if steps is not None and (steps == 0 or steps < -1):
+        raise ValueError(f"--trainer.max_steps must be >= 1 or -1, got {steps}")
 
 
 class SaveConfig(Callback):

@@ -153,5 +153,5 @@ def test_cifar10_without_local_copy_or_network_fails_clearly(
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", offline)
-    with pytest.raises(RuntimeError, match="Offline, pass data_dir"):
+    with pytest.raises(FileNotFoundError, match="Offline, pass data_dir"):
         build_dataset("cifar10", data_dir=tmp_path)

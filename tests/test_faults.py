@@ -661,6 +661,8 @@ def test_a_corrupt_or_foreign_resume_file_gives_one_safe_line(
         (["--model.num_prototypes", "1"], "num_prototypes must be >= 2"),
         (["--data.batch_size", "1"], "batch_size must be >= 2"),
         (["--model.momentum", "1.5"], "momentum must be in [0, 1]"),
+        (["--trainer.max_epochs", "0"], "max_epochs must be >= 1"),
+        (["--trainer.max_epochs", "-1"], "needs --trainer.max_steps >= 1"),
     ],
 )
 def test_bad_arguments_fail_before_any_image_is_read(
