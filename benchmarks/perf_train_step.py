@@ -44,7 +44,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -65,10 +65,15 @@ STEPS_PER_ROUND = 3  # the first step of each fit is a warm-up and is not timed
 
 
 class FixedViews(Dataset):
-    """The same batch of random views, ``length`` times (no loader work)."""
+    """The same batch of random views, ``length`` times (no loader work).
 
-    def __init__(self, batch_size: int, length: int) -> None:
-        sizes = [IMG_SIZE] * 2 + [FOCAL_SIZE] * NUM_FOCAL
+    ``sizes``: the side of each view (default: 2 of 32 px, 4 of 16 px).
+    """
+
+    def __init__(
+        self, batch_size: int, length: int, sizes: list[int] | None = None
+    ) -> None:
+        sizes = sizes or [IMG_SIZE] * 2 + [FOCAL_SIZE] * NUM_FOCAL
         self.views = [torch.randn(batch_size, 3, size, size) for size in sizes]
         self.length = length
 
@@ -140,8 +145,13 @@ def fit_steps(
     batch_size: int,
     steps: int,
     callbacks: list[Callback],
+    datamodule: LightningDataModule | None = None,
+    sizes: list[int] | None = None,
 ) -> None:
-    """Trains ``module`` for ``steps`` steps with the package's trainer arguments."""
+    """Trains ``module`` for ``steps`` steps with the package's trainer arguments.
+
+    On ``datamodule``'s data, or by default on :class:`FixedViews` of ``sizes``.
+    """
     with tempfile.TemporaryDirectory() as run_dir:
         arguments = run_trainer_arguments(
             run_dir, checkpoint_every_n_epochs=None, progress=False
@@ -156,8 +166,11 @@ def fit_steps(
             log_every_n_steps=1,
             **arguments,
         )
+        if datamodule is not None:
+            trainer.fit(module, datamodule=datamodule)
+            return
         loader = DataLoader(
-            FixedViews(batch_size, steps), batch_size=None, collate_fn=None
+            FixedViews(batch_size, steps, sizes), batch_size=None, collate_fn=None
         )
         trainer.fit(module, loader)
 

@@ -255,7 +255,7 @@ def pretrain_and_evaluate(
     """
     seed_everything(config.seed, workers=True)
     method_class = load_method(method_name)
-    datamodule = config.datamodule(method_class.make_transform(config))
+    datamodule = config.datamodule(method_class)
     method = method_class.from_config(config)
     sets = evaluation_sets(config)
 

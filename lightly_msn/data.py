@@ -36,11 +36,30 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
+from lightly_msn.device_batches import (
+    AugmentingCollate,
+    ImageBatch,
+    augmentation_seed,
+    collate_images,
+    decode_encoded,
+    jpeg_decoding_available,
+    read_encoded,
+)
+from lightly_msn.device_transforms import DeviceMultiViewTransform
+from lightly_msn.image_cache import (
+    DecodedImages,
+    as_uint8_image,
+    decode_folder,
+    decoded_bytes,
+    read_image,
+)
 from lightly_msn.transforms import CIFAR10_NORMALIZE, IMAGENET_NORMALIZE, MSNTransform
 
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
+AUGMENT_MODES = ("auto", "device", "loader")
+DEFAULT_MEMORY_LIMIT_GB = 8.0
 SPLITS = ("train", "test")
 
 # The bundled digits are split once, stratified, with a fixed seed, so that every run
@@ -172,7 +191,9 @@ class DigitsDataset(Dataset):
 class CheckedImageFolder(ImageFolder):
     """torchvision's ``ImageFolder`` whose loading errors name the failing file.
 
-    ``num_skipped_images`` counts the unreadable files dropped when it was built.
+    ``num_skipped_images`` counts the unreadable files dropped when it was built,
+    ``image_sizes`` holds the ``(width, height)`` of each sample, read from the files'
+    headers when they were checked.
     With ``skip_unreadable`` (``on_bad_image="skip"``), a file that passed the check
     at build time but cannot be decoded when it is loaded (a JPEG whose header is
     intact but whose data is truncated) is replaced by the next readable image, so
@@ -182,6 +203,7 @@ class CheckedImageFolder(ImageFolder):
 
     num_skipped_images: int = 0
     skip_unreadable: bool = False
+    image_sizes: list[tuple[int, int]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -316,6 +338,7 @@ def _check_image_files(
 ) -> None:
     """Verifies every image file; drops (``skip``) or raises on (``fail``) bad ones."""
     kept: list[tuple[str, int]] = []
+    sizes: list[tuple[int, int]] = []
     bad: list[str] = []
     for path, target in tqdm(
         dataset.samples, desc="checking images", unit="img", leave=False
@@ -326,11 +349,7 @@ def _check_image_files(
                 size = image.size
         except Exception as error:
             if on_bad_image == "fail":
-                raise ValueError(
-                    f"unreadable image file {path} ({error}); fix or remove it, or "
-                    "use on_bad_image='skip' (--data.on_bad_image skip) to drop such "
-                    "files"
-                ) from error
+                raise _unreadable_image_error(path, error) from error
             bad.append(path)
             continue
         if min_size is not None and min(size) < min_size:
@@ -340,6 +359,7 @@ def _check_image_files(
                 "lower the crop size"
             )
         kept.append((path, target))
+        sizes.append(size)
     if bad:
         logger.warning(
             "skipped %d unreadable image file(s) of %d in %s, e.g. %s",
@@ -353,6 +373,7 @@ def _check_image_files(
     dataset.samples = kept
     dataset.imgs = kept
     dataset.targets = [target for _, target in kept]
+    dataset.image_sizes = sizes
     dataset.num_skipped_images = len(bad)
     dataset.skip_unreadable = on_bad_image == "skip"
 
@@ -439,13 +460,33 @@ class MSNDataModule(LightningDataModule):
     """The training data of MSN pretraining, as a Lightning ``LightningDataModule``.
 
     Builds the training split of a dataset (an ImageFolder, CIFAR-10 or the bundled
-    digits, see :func:`build_dataset`), applies the MSN multi-view transform
-    (:class:`~lightly_msn.transforms.MSNTransform`: ``random_views`` views of
-    ``img_size`` pixels, the first of which is the target view, and ``focal_views``
-    views of ``focal_size``) and serves shuffled batches of ``(views, labels)``.
-    Arguments are checked when it is created; the images when it is set up, before
-    training: unreadable files, images smaller than the crop, and a dataset smaller
-    than one global batch are reported then, not hours into an epoch.
+    digits, see :func:`build_dataset`), makes the MSN views of every image
+    (``random_views`` views of ``img_size`` pixels, the first of which is the target
+    view, and ``focal_views`` views of ``focal_size``) and serves shuffled batches of
+    ``(views, labels)``. Arguments are checked when it is created; the images when
+    it is set up, before training: unreadable files, images smaller than the crop,
+    and a dataset smaller than one global batch are reported then, not hours into
+    an epoch.
+
+    The views are made in one of two ways (``augment``):
+
+    - ``"device"``: the loader delivers uint8 images and the views of a whole batch
+      are made at once by a
+      :class:`~lightly_msn.device_transforms.DeviceMultiViewTransform` where the
+      model trains: on a GPU after the batch reached it
+      (``on_after_batch_transfer``), on the CPU in the loader workers, once per
+      batch (in the main process with ``num_workers=0``). Image folders whose
+      decoded images fit in ``memory_limit_gb`` are decoded once and cached on disk
+      (:mod:`lightly_msn.image_cache`); larger ones are decoded by the loader
+      workers, JPEG files on the GPU when training there. The random parameters
+      come from a CPU ``torch.Generator`` per process, seeded from the run's seed
+      (``torch.initial_seed()`` when set up), the global rank and, in a worker, its
+      id; the main process's generator is saved in checkpoints.
+    - ``"loader"``: the loader workers make each image's views with the per-image
+      :class:`~lightly_msn.transforms.MSNTransform` (PIL images).
+
+    Both make the same views (same arguments, same distributions; see
+    docs/training.md for what the default is measured against).
 
     Images up to 64 px get the small-image preset (no blur, CIFAR-10 statistics,
     focal views of half the size); larger ones the paper's (blur 0.5, ImageNet
@@ -500,9 +541,25 @@ class MSNDataModule(LightningDataModule):
         subset_seed:
             Seed of the subset draw.
         transform:
-            Replaces the MSN transform (any callable returning the list of views,
-            e.g. another method's multi-view transform); the view arguments above
-            are then unused.
+            Replaces the MSN transform (e.g. another method's multi-view
+            transform): a ``DeviceMultiViewTransform`` (``augment="device"``) or a
+            callable returning the list of views of one image (``"loader"``); the
+            view arguments above are then unused.
+        augment:
+            Where the views are made: ``"device"`` (whole batches, where the model
+            trains), ``"loader"`` (each image in the loader workers) or ``"auto"``:
+            ``"loader"`` for a per-image ``transform``, else ``"device"``.
+        in_memory:
+            With ``augment="device"``, decode an image folder once into memory
+            (cached on disk) instead of in the loader workers at every epoch.
+            ``None``: when its decoded images fit in ``memory_limit_gb``; ``True``:
+            a larger folder is an error. The digits and torchvision's CIFAR-10 are
+            held in memory anyway.
+        memory_limit_gb:
+            The most decoded images, in GiB, that ``in_memory`` holds in memory.
+        cache_dir:
+            Where decoded image folders are cached when their own folder is not
+            writable; ``None``: ``$LIGHTLY_MSN_CACHE``, else ``~/.cache/lightly_msn``.
     """
 
     def __init__(
@@ -527,6 +584,10 @@ class MSNDataModule(LightningDataModule):
         train_subset: int | None = None,
         subset_seed: int = 0,
         transform: Callable[[Any], Any] | None = None,
+        augment: str = "auto",
+        in_memory: bool | None = None,
+        memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -554,6 +615,11 @@ class MSNDataModule(LightningDataModule):
                 f"{name}: train_subset={train_subset} is smaller than one batch of "
                 f"{batch_size}."
             )
+        if not memory_limit_gb > 0:
+            raise ValueError(
+                f"{name}: memory_limit_gb must be > 0, got {memory_limit_gb}."
+            )
+        self.augment = _augment_mode(name, augment, transform)
         _check_dataset_name(dataset)
         self.save_hyperparameters(ignore=["transform"])
         self.dataset: str | Dataset = dataset
@@ -568,9 +634,19 @@ class MSNDataModule(LightningDataModule):
         self.on_bad_image = on_bad_image
         self.train_subset = train_subset
         self.subset_seed = subset_seed
-        if transform is None:
+        self.in_memory = in_memory
+        self.memory_limit_gb = memory_limit_gb
+        self.cache_dir = cache_dir
+        # the per-image transform ("loader") and the batched one ("device")
+        self.transform: Callable[[Any], Any] | None = None
+        self.device_transform: DeviceMultiViewTransform | None = None
+        if isinstance(transform, DeviceMultiViewTransform):
+            self.device_transform = transform
+        elif transform is not None:
+            self.transform = transform
+        else:
             small = img_size <= SMALL_IMAGE_SIZE
-            transform = MSNTransform(
+            views: dict[str, Any] = dict(
                 random_size=img_size,
                 focal_size=self.focal_size,
                 random_views=random_views,
@@ -586,8 +662,12 @@ class MSNDataModule(LightningDataModule):
                 else gaussian_blur,
                 normalize=self.normalize,
             )
-        self.transform = transform
+            self.transform = MSNTransform(**views)
+            self.device_transform = DeviceMultiViewTransform.msn(**views)
         self.train_dataset: Dataset | None = None
+        self._generator: torch.Generator | None = None
+        self._seed = 0
+        self._rank = 0
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, **kwargs: Any) -> MSNDataModule:
@@ -597,8 +677,9 @@ class MSNDataModule(LightningDataModule):
             dataset:
                 Items start with a PIL image or an image tensor (``ImageFolder``,
                 ``LightlyDataset``, ...). Its ``transform`` attribute is replaced by
-                the MSN transform, or, with ``train_subset``, it is wrapped and
-                needs a ``targets`` attribute for the class-balanced draw.
+                the MSN transform (``augment="device"``: by the conversion to a
+                uint8 tensor), or, with ``train_subset``, it is wrapped and needs a
+                ``targets`` attribute for the class-balanced draw.
             **kwargs:
                 The other arguments of :class:`MSNDataModule`.
         """
@@ -617,25 +698,95 @@ class MSNDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset = self._build_train_dataset()
         self._check_size(self._world_size())
+        rank = self._global_rank()
+        # set up again by a trainer: the rank may differ from a set-up without one
+        if self.augment == "device" and (self._generator is None or rank != self._rank):
+            self._seed, self._rank = torch.initial_seed(), rank
+            seed = augmentation_seed(self._seed, self._rank)
+            self._generator = torch.Generator().manual_seed(seed)
 
     def _build_train_dataset(self) -> Dataset:
-        if isinstance(self.dataset, str):
-            images = build_dataset(
-                self.dataset,
-                split="train",
-                data_dir=self.data_dir,
-                on_bad_image=self.on_bad_image,
-                img_size=self.img_size,
-                min_size=None if self.dataset == "digits" else self.img_size,
-            )
+        transform: Callable[[Any], Any] | None = self.transform
+        if self.augment == "loader":
+            images = self._source_images()
+        elif isinstance(self.dataset, str):
+            images, transform = self._decoded_images(), _as_is
         else:
-            images = self.dataset
+            images, transform = self.dataset, as_uint8_image
+        assert transform is not None
         if self.train_subset is not None:
             indices = balanced_indices(
                 dataset_labels(images), self.train_subset, self.subset_seed
             )
-            return TransformedSubset(images, indices, self.transform)
-        images.transform = self.transform  # type: ignore[attr-defined]
+            return TransformedSubset(images, indices, transform)
+        if not isinstance(images, DecodedImages):
+            images.transform = transform  # type: ignore[attr-defined]
+        return images
+
+    def _source_images(self) -> Dataset:
+        if not isinstance(self.dataset, str):
+            return self.dataset
+        return build_dataset(
+            self.dataset,
+            split="train",
+            data_dir=self.data_dir,
+            on_bad_image=self.on_bad_image,
+            img_size=self.img_size,
+            min_size=None if self.dataset == "digits" else self.img_size,
+        )
+
+    def _decoded_images(self) -> Dataset:
+        """The training images as uint8 tensors: in memory, or decoded per item."""
+        images = self._source_images()
+        if isinstance(images, DigitsDataset):
+            return DecodedImages.from_images(
+                [as_uint8_image(image) for image in images.images],
+                images.targets,
+                images.classes,
+            )
+        if isinstance(images, CheckedImageFolder):
+            return self._folder_images(images)
+        # torchvision's CIFAR10: (N, 32, 32, 3) uint8 in memory
+        pixels = torch.from_numpy(images.data).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
+        return DecodedImages.from_images(
+            list(pixels),
+            images.targets,  # type: ignore[attr-defined]
+            images.classes,  # type: ignore[attr-defined]
+        )
+
+    def _folder_images(self, folder: CheckedImageFolder) -> Dataset:
+        """An image folder decoded into memory (cached), or decoded by the workers."""
+        needed = decoded_bytes(folder.image_sizes)
+        limit = self.memory_limit_gb * 2**30
+        if self.in_memory is False or (self.in_memory is None and needed > limit):
+            if self.in_memory is None:
+                logger.info(
+                    "the decoded images of %s need %.1f GiB, more than "
+                    "memory_limit_gb=%g: the loader workers decode them",
+                    folder.root,
+                    needed / 2**30,
+                    self.memory_limit_gb,
+                )
+            folder.loader = read_image
+            return folder
+        if needed > limit:
+            raise ValueError(
+                f"{type(self).__name__}: the {len(folder)} training images of "
+                f"{folder.root} need {needed / 2**30:.2f} GiB decoded, more than "
+                f"memory_limit_gb={self.memory_limit_gb:g}; raise memory_limit_gb "
+                "(--data.memory_limit_gb), let the loader workers decode them "
+                "(in_memory=None or False), or use augment='loader'."
+            )
+        images = decode_folder(
+            folder.root,
+            folder.samples,
+            folder.image_sizes,
+            folder.classes,
+            cache_dir=self.cache_dir,
+            num_workers=self.num_workers,
+        )
+        if images.failures:
+            _report_undecodable(images, folder, self.on_bad_image)
         return images
 
     @property
@@ -644,10 +795,18 @@ class MSNDataModule(LightningDataModule):
         return self.batch_size * self._world_size()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``(views, labels)``; the last incomplete one dropped."""
+        """Shuffled batches, the last incomplete one dropped.
+
+        ``(views, labels)``, except with ``augment="device"`` off the CPU: an
+        :class:`~lightly_msn.device_batches.ImageBatch` of uint8 images, whose
+        views the transfer hooks make on the device.
+        """
         if self.train_dataset is None:
             self.setup("fit")
         assert self.train_dataset is not None
+        collate: Callable[[Any], Any] | None = None
+        if self.augment == "device":
+            collate = self._device_collate()
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
@@ -656,16 +815,76 @@ class MSNDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
         )
+
+    def _device_collate(self) -> Callable[[Any], Any]:
+        device = self._device()
+        if device.type == "cpu":
+            assert self.device_transform is not None and self._generator is not None
+            return AugmentingCollate(
+                self.device_transform, self._generator, self._seed, self._rank
+            )
+        folder = self._image_folder()
+        if folder is not None and folder.loader in (read_image, read_encoded):
+            on_device = jpeg_decoding_available(device)
+            folder.loader = read_encoded if on_device else read_image
+        return collate_images
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Decodes the JPEG files of an ``augment="device"`` batch on the GPU."""
+        if not isinstance(batch, ImageBatch):
+            return batch
+        folder = self._image_folder()
+        skip = folder._count_load_failure if folder and folder.skip_unreadable else None
+        return decode_encoded(batch, self._device(), skip)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Makes the views of an ``augment="device"`` batch where it arrived."""
+        if not isinstance(batch, ImageBatch):
+            return batch
+        assert self.device_transform is not None
+        views = self.device_transform(batch.images, generator=self._generator)
+        return views, batch.labels
+
+    def state_dict(self) -> dict[str, Any]:
+        """The main process's augmentation generator (``augment="device"``)."""
+        if self._generator is None:
+            return {}
+        return {"augmentation_generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the generator; other ranks derive theirs from rank 0's state."""
+        state = state_dict.get("augmentation_generator")
+        if state is None or self._generator is None:
+            return
+        if self._rank == 0:
+            self._generator.set_state(state)
+            return
+        digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
+        seed = augmentation_seed(int.from_bytes(digest, "little"), self._rank)
+        self._generator.manual_seed(seed)
 
     def num_load_failures(self) -> int:
         """Images that could not be decoded during training and were replaced."""
+        folder = self._image_folder()
+        return folder.num_load_failures if folder is not None else 0
+
+    def _image_folder(self) -> CheckedImageFolder | None:
         dataset = self.train_dataset
         if isinstance(dataset, TransformedSubset):
             dataset = dataset.dataset
-        return (
-            dataset.num_load_failures if isinstance(dataset, CheckedImageFolder) else 0
-        )
+        return dataset if isinstance(dataset, CheckedImageFolder) else None
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.device("cpu")
+        return torch.device(trainer.strategy.root_device)
+
+    def _global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -679,6 +898,60 @@ class MSNDataModule(LightningDataModule):
                 f"than one global batch of {self.batch_size} x {world_size} "
                 "device(s); lower batch_size."
             )
+
+
+def _augment_mode(name: str, augment: str, transform: Any) -> str:
+    """``"device"`` or ``"loader"`` for ``augment`` and ``transform``; checks both."""
+    if augment not in AUGMENT_MODES:
+        raise ValueError(
+            f"{name}: augment must be one of {AUGMENT_MODES}, got {augment!r}."
+        )
+    batched = isinstance(transform, DeviceMultiViewTransform)
+    per_image = transform is not None and not batched
+    if augment == "auto":
+        return "loader" if per_image else "device"
+    if augment == "device" and per_image:
+        raise ValueError(
+            f"{name}: augment='device' makes the views of whole batches and needs a "
+            f"DeviceMultiViewTransform (or no transform), got "
+            f"{type(transform).__name__}; use augment='loader' for a per-image "
+            "transform."
+        )
+    if augment == "loader" and batched:
+        raise ValueError(
+            f"{name}: a DeviceMultiViewTransform makes the views of whole batches; "
+            "use it with augment='device' (or 'auto')."
+        )
+    return augment
+
+
+def _as_is(image: Any) -> Any:
+    return image
+
+
+def _unreadable_image_error(path: str, error: object) -> ValueError:
+    return ValueError(
+        f"unreadable image file {path} ({error}); fix or remove it, or use "
+        "on_bad_image='skip' (--data.on_bad_image skip) to drop such files"
+    )
+
+
+def _report_undecodable(
+    images: DecodedImages, folder: CheckedImageFolder, on_bad_image: str
+) -> None:
+    """Applies ``on_bad_image`` to the files that passed the check but not decoding."""
+    path, error = images.failures[0]
+    if on_bad_image == "fail":
+        raise _unreadable_image_error(path, error)
+    logger.warning(
+        "skipped %d image file(s) of %s that could not be decoded, e.g. %s (%s)",
+        len(images.failures),
+        folder.root,
+        path,
+        error,
+    )
+    if not len(images):
+        raise ValueError(f"no image file in {folder.root} could be decoded")
 
 
 def _check_dataset_name(dataset: str) -> None:

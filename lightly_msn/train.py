@@ -881,9 +881,18 @@ def check_resume(
 
 
 # settings that may change when a run is resumed: they change neither the model nor
-# the schedules nor the images seen
+# the schedules nor the distribution of the views (where and how the views are made
+# changes their random draws, as the number of loader workers does)
 RESUMABLE_MODULE_SETTINGS = ("gather_distributed", "fast_class_token")
-RESUMABLE_DATA_SETTINGS = ("num_workers", "on_bad_image", "data_dir")
+RESUMABLE_DATA_SETTINGS = (
+    "num_workers",
+    "on_bad_image",
+    "data_dir",
+    "augment",
+    "in_memory",
+    "memory_limit_gb",
+    "cache_dir",
+)
 
 
 def prepare_run(

@@ -697,9 +697,18 @@ def truncated_jpeg(path: Path) -> None:
         image.verify()
 
 
+@pytest.mark.parametrize(
+    "augment, in_memory",
+    [("loader", None), ("device", False)],
+    ids=["loader", "device-streamed"],
+)
 def test_skip_survives_a_truncated_jpeg_and_reports_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    augment: str,
+    in_memory: bool | None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Decoded while training: replaced by the next image, counted every epoch."""
     data = write_noise_images(tmp_path / "data" / "a", count=7)
     truncated_jpeg(data / "truncated.jpg")
     with caplog.at_level(logging.WARNING):
@@ -717,6 +726,8 @@ def test_skip_survives_a_truncated_jpeg_and_reports_it(
             progress=False,
             output_dir=tmp_path / "run",
             on_bad_image="skip",
+            augment=augment,
+            in_memory=in_memory,
             **TINY_HEAD,
         )
     assert result.module.global_step == 4  # every batch kept its size
@@ -726,13 +737,52 @@ def test_skip_survives_a_truncated_jpeg_and_reports_it(
     assert "epoch 1: 1 image(s) could not be decoded" in caplog.text
 
 
+def test_skip_drops_a_truncated_jpeg_when_decoding_into_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decoded once before training: left out and counted, at every run."""
+    data = write_noise_images(tmp_path / "data" / "a", count=8)
+    truncated_jpeg(data / "truncated.jpg")
+    for run in ("first", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = pretrain(
+                data.parent,
+                vit=tiny_vit(),
+                output_dir=tmp_path / run,
+                epochs=1,
+                on_bad_image="skip",
+                augment="device",
+                in_memory=True,
+                **{**TINY_PRETRAIN, "batch_size": 4},
+            )
+        assert len(result.module.trainer.datamodule.train_dataset) == 8
+        assert result.module.global_step == 2
+        assert "skipped 1 image file(s)" in caplog.text
+        assert "truncated.jpg" in caplog.text
+    assert (data.parent / ".lightly_msn_decoded.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--data.augment", "loader"],
+        ["--data.augment", "device"],
+        ["--data.augment", "device", "--data.in_memory", "false"],
+    ],
+    ids=["loader", "device", "device-streamed"],
+)
 def test_fail_names_a_truncated_jpeg(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    options: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_noise_images(tmp_path / "data" / "a", count=7)
     truncated_jpeg(data / "truncated.jpg")
-    assert pretrain_cli(data.parent, tmp_path / "run") == 2
-    assert "truncated.jpg" in capsys.readouterr().err
+    assert pretrain_cli(data.parent, tmp_path / "run", *options) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    line = error.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("lightly-msn pretrain: error: ")
+    assert "truncated.jpg" in line
 
 
 # --- pretraining: crashes -------------------------------------------------------------
@@ -758,8 +808,11 @@ class KillAtEpoch(Callback):
             raise Killed
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    kwargs = dict(TINY_PRETRAIN, epochs=2, seed=3, warmup_epochs=1.0)
+@pytest.mark.parametrize("augment", ["loader", "device"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(
+    augment: str, tmp_path: Path
+) -> None:
+    kwargs = dict(TINY_PRETRAIN, epochs=2, seed=3, warmup_epochs=1.0, augment=augment)
     full = pretrain(
         RandomImages(), vit=seeded_vit(), output_dir=tmp_path / "a", **kwargs
     )

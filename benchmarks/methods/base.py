@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightly_msn.data import MSNDataModule, default_focal_size, normalization
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 from lightly_msn.schedules import weight_decay_groups
 
 SECTIONS = ("seed_everything", "trainer", "data", "vit", "benchmark", "methods")
@@ -185,8 +186,27 @@ class BenchmarkConfig:
             )
         return {**defaults, **overrides}
 
-    def datamodule(self, transform: Callable[[Any], Any]) -> MSNDataModule:
-        """The training data of every method, with the method's multi-view transform."""
+    @property
+    def augment(self) -> str:
+        """Where every method's views are made: ``"device"`` or ``"loader"``.
+
+        ``data.augment`` of the profile; ``"auto"`` (the default) is ``"device"``, as
+        for ``MSNDataModule`` without a per-image transform.
+        """
+        augment = self.data.get("augment", "auto")
+        return "device" if augment == "auto" else str(augment)
+
+    def datamodule(self, method: Any) -> MSNDataModule:
+        """The training data of every method, with the method's multi-view transform.
+
+        ``method`` (a method class) gives its ``DeviceMultiViewTransform`` preset
+        (``make_device_transform``) when ``augment`` is ``"device"``, else lightly's
+        per-image transform (``make_transform``).
+        """
+        if self.augment == "device":
+            transform = method.make_device_transform(self)
+        else:
+            transform = method.make_transform(self)
         return MSNDataModule(
             **{**self.data, "subset_seed": self.seed, "transform": transform}
         )
@@ -272,11 +292,12 @@ class BenchmarkMethod(LightningModule):
     """Common base of the benchmarked self-supervised methods.
 
     Subclasses set ``name``, build their modules in ``__init__(config)``, and
-    implement ``training_step``, ``backbone_features``, ``make_transform`` and
-    ``trainable_modules``. The default optimizer is AdamW with the learning rate
-    ``lr_per_256 * global_batch_size / 256``, linear warm-up and cosine decay per
-    step, and no weight decay on biases and 1-D (normalisation) parameters (the
-    package's :func:`~lightly_msn.schedules.weight_decay_groups`, as for ``msn``).
+    implement ``training_step``, ``backbone_features``, ``make_transform``,
+    ``make_device_transform`` and ``trainable_modules``. The default optimizer is
+    AdamW with the learning rate ``lr_per_256 * global_batch_size / 256``, linear
+    warm-up and cosine decay per step, and no weight decay on biases and 1-D
+    (normalisation) parameters (the package's
+    :func:`~lightly_msn.schedules.weight_decay_groups`, as for ``msn``).
     """
 
     name: ClassVar[str]
@@ -294,6 +315,12 @@ class BenchmarkMethod(LightningModule):
 
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
+        """lightly's per-image multi-view transform of the method."""
+        raise NotImplementedError
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        """The same views as ``make_transform``, for whole batches on the device."""
         raise NotImplementedError
 
     def backbone_features(self, images: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from benchmarks.methods.base import (
     make_vit,
     views_of,
 )
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 
 
 class BYOL(BenchmarkMethod):
@@ -61,6 +62,15 @@ class BYOL(BenchmarkMethod):
                 gaussian_blur=blur and 0.1,
                 normalize=config.normalize,
             ),
+        )
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        blur = config.gaussian_blur
+        return DeviceMultiViewTransform.byol(
+            input_size=config.img_size,
+            gaussian_blur=(blur and 1.0, blur and 0.1),
+            normalize=config.normalize,
         )
 
     def trainable_modules(self) -> Iterable[nn.Module]:

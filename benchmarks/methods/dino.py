@@ -31,7 +31,24 @@ from benchmarks.methods.base import (
     make_vit,
     views_of,
 )
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 from lightly_msn.schedules import apply_schedule
+
+
+def dino_transform_kwargs(config: BenchmarkConfig) -> dict[str, Any]:
+    """``DINOTransform`` / ``IBOTTransform`` arguments of ``dino`` and ``ibot``.
+
+    Two global views of ``img_size`` and ``num_local_views`` local views; no blur on
+    small images (``config.gaussian_blur`` 0), else the recipe's 1.0 / 0.1 / 0.5.
+    """
+    blur = config.gaussian_blur
+    return dict(
+        global_crop_size=config.img_size,
+        local_crop_size=config.local_size,
+        n_local_views=config.num_local_views,
+        gaussian_blur=(blur and 1.0, blur and 0.1, blur),
+        normalize=config.normalize,
+    )
 
 
 class DINO(BenchmarkMethod):
@@ -65,14 +82,11 @@ class DINO(BenchmarkMethod):
 
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
-        blur = config.gaussian_blur
-        return DINOTransform(
-            global_crop_size=config.img_size,
-            local_crop_size=config.local_size,
-            n_local_views=config.num_local_views,
-            gaussian_blur=(blur and 1.0, blur and 0.1, blur),
-            normalize=config.normalize,
-        )
+        return DINOTransform(**dino_transform_kwargs(config))
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.dino(**dino_transform_kwargs(config))
 
     def trainable_modules(self) -> Iterable[nn.Module]:
         return [self.student_backbone, self.student_head]

@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from benchmarks.methods.base import BenchmarkConfig, views_of
-from benchmarks.methods.dino import DINO
+from benchmarks.methods.dino import DINO, dino_transform_kwargs
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 
 
 class IBOT(DINO):
@@ -45,14 +46,11 @@ class IBOT(DINO):
 
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
-        blur = config.gaussian_blur
-        return IBOTTransform(
-            global_crop_size=config.img_size,
-            local_crop_size=config.local_size,
-            n_local_views=config.num_local_views,
-            gaussian_blur=(blur and 1.0, blur and 0.1, blur),
-            normalize=config.normalize,
-        )
+        return IBOTTransform(**dino_transform_kwargs(config))
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.ibot(**dino_transform_kwargs(config))
 
     def block_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """Random blocks of patches hidden from the student, ``(B, H, W)``."""

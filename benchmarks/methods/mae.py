@@ -31,6 +31,7 @@ from benchmarks.methods.base import (
     make_vit,
     views_of,
 )
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 
 
 class MAE(BenchmarkMethod):
@@ -66,6 +67,12 @@ class MAE(BenchmarkMethod):
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
         return MAETransform(input_size=config.img_size, normalize=config.normalize)
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.mae(
+            input_size=config.img_size, normalize=config.normalize
+        )
 
     def trainable_modules(self) -> Iterable[nn.Module]:
         return [self.backbone, self.decoder_embed, self.decoder, self.prediction_head]

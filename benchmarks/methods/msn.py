@@ -8,7 +8,7 @@ of ViT-S/16 (1e-3 for a batch of 1024) scaled linearly to the batch size.
 
 It is not a subclass of ``BenchmarkMethod`` because its optimizer and schedules are
 the package's; it has the same interface (``from_config``, ``make_transform``,
-``backbone_features``).
+``make_device_transform``, ``backbone_features``).
 
 - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
 """
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from benchmarks.methods.base import BenchmarkConfig, make_vit
 from benchmarks.methods.msn_lightly import msn_transform_kwargs
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 from lightly_msn.train import MSNLightningModule
 from lightly_msn.transforms import MSNTransform
 
@@ -77,6 +78,10 @@ class MSNMethod(MSNLightningModule):
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
         return MSNTransform(**msn_transform_kwargs(config))
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.msn(**msn_transform_kwargs(config))
 
     def backbone_features(self, images: Tensor) -> Tensor:
         return self.model.backbone_features(

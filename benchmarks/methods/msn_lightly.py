@@ -34,6 +34,7 @@ from benchmarks.methods.base import (
     make_vit,
     views_of,
 )
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 
 
 def msn_transform_kwargs(config: BenchmarkConfig) -> dict[str, Any]:
@@ -78,6 +79,10 @@ class MSNLightly(BenchmarkMethod):
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
         return MSNTransform(**msn_transform_kwargs(config))
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.msn(**msn_transform_kwargs(config))
 
     def trainable_modules(self) -> Iterable[nn.Module]:
         return [self.anchor_backbone, self.anchor_projection_head, self.prototypes]

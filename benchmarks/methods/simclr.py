@@ -28,6 +28,7 @@ from benchmarks.methods.base import (
     make_vit,
     views_of,
 )
+from lightly_msn.device_transforms import DeviceMultiViewTransform
 
 
 class SimCLR(BenchmarkMethod):
@@ -49,7 +50,15 @@ class SimCLR(BenchmarkMethod):
 
     @classmethod
     def make_transform(cls, config: BenchmarkConfig) -> Callable[[Any], Any]:
-        return SimCLRTransform(
+        return SimCLRTransform(**cls.transform_kwargs(config))
+
+    @classmethod
+    def make_device_transform(cls, config: BenchmarkConfig) -> DeviceMultiViewTransform:
+        return DeviceMultiViewTransform.simclr(**cls.transform_kwargs(config))
+
+    @staticmethod
+    def transform_kwargs(config: BenchmarkConfig) -> dict[str, Any]:
+        return dict(
             input_size=config.img_size,
             gaussian_blur=config.gaussian_blur,
             normalize=config.normalize,
