@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from pytorch_lightning import Trainer, seed_everything
@@ -54,6 +55,7 @@ from lightly_msn.data import (
     build_dataset,
     dataset_labels,
     eval_transform,
+    validation_indices,
 )
 from lightly_msn.eval.fewshot import parse_shots
 from lightly_msn.eval.protocols import FeatureEvaluation, evaluate_features
@@ -161,23 +163,41 @@ def evaluation_transform(config: BenchmarkConfig) -> Callable[[Any], Tensor]:
 
 
 def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
-    """The labelled bank, test set and monitor sets, with the evaluation transform."""
+    """The labelled bank, test set and monitor sets, with the evaluation transform.
+
+    With ``data.validation_size`` (tuning) the "test" images are the validation
+    images held out of the training split, and the bank is drawn from the other
+    training images: the test split is not read.
+    """
     dataset, data_dir = (
         config.data.get("dataset", "digits"),
         config.data.get("data_dir"),
     )
+    validation_size = config.data.get("validation_size")
+    test_split = "train" if validation_size else "test"
     splits = {
         split: build_dataset(
             dataset, split, data_dir=data_dir, img_size=config.img_size
         )
-        for split in ("train", "test")
+        for split in {"train", test_split}
     }
     labels = {split: dataset_labels(images) for split, images in splits.items()}
     to_tensor = evaluation_transform(config)
+    held_out = np.asarray(validation_indices(labels["train"], validation_size), int)
+    # where the bank ("train") and the scored images ("test") are drawn from
+    pools = {
+        "train": ("train", np.setdiff1d(np.arange(len(labels["train"])), held_out)),
+        "test": (test_split, held_out)
+        if validation_size
+        else ("test", np.arange(len(labels["test"]))),
+    }
 
-    def subset(split: str, size: int | None, seed_offset: int) -> Dataset:
-        indices = balanced_indices(labels[split], size, config.seed + seed_offset)
-        return TransformedSubset(splits[split], indices, to_tensor)
+    def subset(pool: str, size: int | None, seed_offset: int) -> Dataset:
+        split, indices = pools[pool]
+        chosen = balanced_indices(
+            labels[split][indices], size, config.seed + seed_offset
+        )
+        return TransformedSubset(splits[split], indices[chosen].tolist(), to_tensor)
 
     sets = {
         "bank": subset("train", config.bank_subset, 1),

@@ -415,6 +415,43 @@ def balanced_indices(labels: np.ndarray, size: int | None, seed: int) -> list[in
     return sorted(chosen)
 
 
+# The validation images are drawn with their own fixed seed, so that every run,
+# method and tuning trial holds out the same images whatever its subset seed.
+VALIDATION_SEED = 20220414
+
+
+def validation_indices(labels: np.ndarray, validation_size: int | None) -> list[int]:
+    """The training images held out for validation: a fixed class-balanced draw.
+
+    ``None`` holds out nothing. The draw depends only on the labels and the size, so
+    :func:`training_indices` and an evaluation that scores on the held-out images
+    agree on them.
+    """
+    if validation_size is None:
+        return []
+    return balanced_indices(labels, validation_size, VALIDATION_SEED)
+
+
+def training_indices(
+    labels: np.ndarray,
+    train_subset: int | None,
+    subset_seed: int,
+    validation_size: int | None = None,
+) -> list[int]:
+    """The training images: all but the validation ones, or a balanced subset of them.
+
+    Args:
+        labels: The label of every image of the training split.
+        train_subset: Draw this many images, class-balanced (``None``: all).
+        subset_seed: Seed of that draw.
+        validation_size: Images held out first (:func:`validation_indices`).
+    """
+    held_out = validation_indices(labels, validation_size)
+    remaining = np.setdiff1d(np.arange(len(labels)), held_out)
+    chosen = balanced_indices(labels[remaining], train_subset, subset_seed)
+    return remaining[chosen].tolist()
+
+
 class TransformedSubset(Dataset):
     """``(transform(image), label)`` for the images ``indices`` of ``dataset``.
 
@@ -540,6 +577,10 @@ class MSNDataModule(LightningDataModule):
             all of them).
         subset_seed:
             Seed of the subset draw.
+        validation_size:
+            Hold out a fixed class-balanced draw of this many training images
+            (:func:`validation_indices`), for tuning without the test set: they are
+            never trained on, and ``train_subset`` is drawn from the others.
         transform:
             Replaces the MSN transform (e.g. another method's multi-view
             transform): a ``DeviceMultiViewTransform`` (``augment="device"``) or a
@@ -583,6 +624,7 @@ class MSNDataModule(LightningDataModule):
         on_bad_image: str = "fail",
         train_subset: int | None = None,
         subset_seed: int = 0,
+        validation_size: int | None = None,
         transform: Callable[[Any], Any] | None = None,
         augment: str = "auto",
         in_memory: bool | None = None,
@@ -615,6 +657,10 @@ class MSNDataModule(LightningDataModule):
                 f"{name}: train_subset={train_subset} is smaller than one batch of "
                 f"{batch_size}."
             )
+        if validation_size is not None and validation_size < 1:
+            raise ValueError(
+                f"{name}: validation_size must be >= 1 or None, got {validation_size}."
+            )
         if not memory_limit_gb > 0:
             raise ValueError(
                 f"{name}: memory_limit_gb must be > 0, got {memory_limit_gb}."
@@ -634,6 +680,7 @@ class MSNDataModule(LightningDataModule):
         self.on_bad_image = on_bad_image
         self.train_subset = train_subset
         self.subset_seed = subset_seed
+        self.validation_size = validation_size
         self.in_memory = in_memory
         self.memory_limit_gb = memory_limit_gb
         self.cache_dir = cache_dir
@@ -678,12 +725,14 @@ class MSNDataModule(LightningDataModule):
                 Items start with a PIL image or an image tensor (``ImageFolder``,
                 ``LightlyDataset``, ...). Its ``transform`` attribute is replaced by
                 the MSN transform (``augment="device"``: by the conversion to a
-                uint8 tensor), or, with ``train_subset``, it is wrapped and needs a
-                ``targets`` attribute for the class-balanced draw.
+                uint8 tensor), or, with ``train_subset`` or ``validation_size``,
+                it is wrapped and needs a ``targets`` attribute for the
+                class-balanced draws.
             **kwargs:
                 The other arguments of :class:`MSNDataModule`.
         """
-        if not hasattr(dataset, "transform") and kwargs.get("train_subset") is None:
+        subset = kwargs.get("train_subset") or kwargs.get("validation_size")
+        if not hasattr(dataset, "transform") and subset is None:
             raise ValueError(
                 f"{cls.__name__}: a dataset instance needs a 'transform' attribute "
                 "(as ImageFolder and LightlyDataset have) for the MSN views."
@@ -714,9 +763,12 @@ class MSNDataModule(LightningDataModule):
         else:
             images, transform = self.dataset, as_uint8_image
         assert transform is not None
-        if self.train_subset is not None:
-            indices = balanced_indices(
-                dataset_labels(images), self.train_subset, self.subset_seed
+        if self.train_subset is not None or self.validation_size is not None:
+            indices = training_indices(
+                dataset_labels(images),
+                self.train_subset,
+                self.subset_seed,
+                self.validation_size,
             )
             return TransformedSubset(images, indices, transform)
         if not isinstance(images, DecodedImages):
@@ -1123,4 +1175,6 @@ __all__ = [
     "find_overlap",
     "image_folder_root",
     "match_classes",
+    "training_indices",
+    "validation_indices",
 ]

@@ -287,7 +287,10 @@ def test_write_record_needs_a_method(tmp_path: Path) -> None:
         results.summarize(tmp_path)
 
 
-def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["mae", "msn"])
+def test_end_to_end_run_writes_record_table_and_curve(
+    method: str, tmp_path: Path
+) -> None:
     overrides = {
         "trainer.max_epochs": 2,
         "data.dataset": "digits",
@@ -307,12 +310,12 @@ def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
         "benchmark.fewshot_seeds": 2,
     }
     arguments = [
-        "--profile", "cpu-quick", "--methods", "mae", "--name", "e2e",
+        "--profile", "cpu-quick", "--methods", method, "--name", "e2e",
         "--results-dir", str(tmp_path), "--no-progress", "--set",
         *(f"{key}={json.dumps(value)}" for key, value in overrides.items()),
     ]  # fmt: skip
     assert main(arguments) == 0
-    record = json.loads((tmp_path / "e2e" / "mae.json").read_text())
+    record = json.loads((tmp_path / "e2e" / f"{method}.json").read_text())
     assert record["pretrain"]["epochs"] == 2
     assert record["pretrain"]["steps"] == 4  # 64 images / 32 per batch x 2 epochs
     assert record["pretrain"]["peak_memory_mb"] > 0
@@ -324,7 +327,7 @@ def test_end_to_end_run_writes_record_table_and_curve(tmp_path: Path) -> None:
     assert math.isfinite(record["pretrain"]["final_loss"])
     assert (tmp_path / "e2e" / "results.md").read_text().startswith("| method |")
     # the method trained through the package's run directory
-    method_dir = tmp_path / "e2e" / "mae"
+    method_dir = tmp_path / "e2e" / method
     assert (method_dir / "checkpoints" / "last.ckpt").is_file()
     assert (method_dir / "metrics.csv").is_file()
 
@@ -536,3 +539,39 @@ def test_tuning_plans_give_every_method_the_same_trials(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(ValueError, match="metric must be one of"):
         tune.load_plan(str(path))
+
+
+def test_tuning_scores_on_held_out_training_images_never_the_test_set() -> None:
+    from benchmarks.run import evaluation_sets
+    from lightly_msn.data import validation_indices
+
+    config = tiny_config(
+        data={"validation_size": 50},
+        benchmark={"bank_subset": 200, "test_subset": None, "monitor_bank": 0},
+    )
+    sets = evaluation_sets(config)
+    train = build_dataset("digits", "train")
+    held_out = validation_indices(np.asarray(train.targets), 50)
+    test, bank = sets["test"], sets["bank"]
+    assert test.dataset is bank.dataset and len(test.dataset) == len(train)
+    assert sorted(test.indices) == held_out
+    assert len(bank) == 200 and not set(bank.indices) & set(held_out)
+    datamodule = config.datamodule(load_method("msn"))
+    datamodule.setup("fit")
+    assert not set(datamodule.train_dataset.indices) & set(held_out)
+
+
+def test_the_cpu_standard_profile_and_its_tuning_plan_load() -> None:
+    from benchmarks import tune
+
+    config = BenchmarkConfig.from_profile(load_profile("cpu-standard"))
+    assert config.stages == (0.25, 0.5) and config.test_subset is None
+    assert "train_subset" not in config.data  # the full training split
+    plan = tune.load_plan("cpu-standard")
+    assert set(plan["trials"]) == {"msn", "dino", "simclr"}
+    for method, trials in plan["trials"].items():
+        for index in range(len(trials)):
+            trial = tune.trial_config(plan, method, index)
+            assert trial.data["validation_size"] == 2000 and trial.stages is None
+            recipe = trial.recipe(method, load_method(method).defaults)
+            assert recipe["lr_per_256"] == trials[index]["lr_per_256"]

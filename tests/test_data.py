@@ -155,3 +155,35 @@ def test_cifar10_without_local_copy_or_network_fails_clearly(
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", offline)
     with pytest.raises(FileNotFoundError, match="Offline, pass data_dir"):
         build_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_validation_images_are_held_out_of_every_training_draw() -> None:
+    from lightly_msn.data import training_indices, validation_indices
+
+    labels = np.repeat(np.arange(4), 50)  # 4 classes of 50
+    held_out = validation_indices(labels, 20)
+    assert np.bincount(labels[held_out]).tolist() == [5, 5, 5, 5]
+    for seed in range(3):  # the held-out images do not depend on the subset seed
+        everything = training_indices(labels, None, seed, validation_size=20)
+        assert sorted(set(everything) | set(held_out)) == list(range(200))
+        assert not set(everything) & set(held_out)
+        subset = training_indices(labels, 40, seed, validation_size=20)
+        assert len(subset) == 40 and set(subset) <= set(everything)
+        assert np.bincount(labels[subset]).tolist() == [10, 10, 10, 10]
+    assert training_indices(labels, None, 0) == list(range(200))
+    assert validation_indices(labels, None) == []
+
+
+def test_the_data_module_never_trains_on_validation_images() -> None:
+    from lightly_msn.data import MSNDataModule, validation_indices
+
+    with pytest.raises(ValueError, match="validation_size must be >= 1"):
+        MSNDataModule(dataset="digits", validation_size=0)
+    data = MSNDataModule(
+        dataset="digits", img_size=16, batch_size=8, validation_size=100
+    )
+    data.setup("fit")
+    train = build_dataset("digits", "train")
+    held_out = set(validation_indices(np.asarray(train.targets), 100))
+    assert len(data.train_dataset) == len(train) - 100
+    assert not held_out & set(data.train_dataset.indices)

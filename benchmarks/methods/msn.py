@@ -54,6 +54,7 @@ class MSNMethod(MSNLightningModule):
         lr = recipe["lr_per_256"] * config.global_batch_size / 256
         method = cls(
             vit=make_vit(config),
+            img_size=config.img_size,  # the data module's, as Lightning's logger asks
             mask_ratio=recipe["mask_ratio"],
             num_prototypes=recipe["num_prototypes"],
             hidden_dim=recipe["hidden_dim"],
