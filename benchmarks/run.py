@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the methods in this process instead of one subprocess each",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for log files)"
+    )
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     return parser
 
@@ -417,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.results_dir) / (args.name or Path(args.profile).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
+    if not progress:  # also the data checks' bars, in the processes started below
+        os.environ["TQDM_DISABLE"] = "1"
 
     failed: list[str] = []
     for name in methods:

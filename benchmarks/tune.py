@@ -26,6 +26,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -211,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trial", default=None, help="run one trial METHOD:INDEX in this process"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for log files)"
+    )
     return parser
 
 
@@ -220,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = load_plan(args.plan)
     run_dir = Path(args.results_dir) / (args.name or plan["profile"])
     progress = not args.no_progress
+    if not progress:  # also the data checks' bars, in the processes started below
+        os.environ["TQDM_DISABLE"] = "1"
     if args.trial is not None:
         method, _, index = args.trial.partition(":")
         run_trial(plan, method, int(index), run_dir, progress)
