@@ -356,3 +356,55 @@ def test_gpu_batches_equal_the_cpu_transform_of_the_same_images() -> None:
     for view, reference in zip(views, expected, strict=True):
         assert view.device.type == "cuda"
         torch.testing.assert_close(view.cpu(), reference, atol=2e-5, rtol=1e-5)
+
+
+# --- the views train alike ----------------------------------------------------------
+
+
+class ClassTokens(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone_features(images)
+
+
+def test_device_views_train_as_well_as_the_pil_views(tmp_path: Path) -> None:
+    """kNN accuracy after a short pretraining: the paths agree within the seeds'
+    spread (3 seeds each, same images, same model, same recipe)."""
+    from lightly_msn.data import build_dataset, eval_transform, normalization
+    from lightly_msn.eval.embed import embed
+    from lightly_msn.eval.knn import KNNClassifier
+    from lightly_msn.train import pretrain
+    from tests._train_helpers import tiny_vit
+
+    to_tensor = eval_transform(16, normalization(None, 16))
+    bank, test = (
+        build_dataset("digits", split, img_size=16, transform=to_tensor)
+        for split in ("train", "test")
+    )
+
+    def knn_top1(model: Any) -> float:
+        features = [
+            embed(ClassTokens(model), images, progress=False) for images in (bank, test)
+        ]
+        classifier = KNNClassifier(ks=(20,)).fit(*features[0])
+        return classifier.score(*features[1])["knn_top1@20"]
+
+    accuracy: dict[str, list[float]] = {"device": [], "loader": []}
+    for augment, runs in accuracy.items():
+        for seed in range(3):
+            torch.manual_seed(seed)
+            result = pretrain(
+                "digits", vit=tiny_vit(), img_size=16, patch_size=4, focal_size=8,
+                focal_views=2, train_subset=640, epochs=2, batch_size=64,
+                num_workers=0, hidden_dim=64, output_dim=32, num_prototypes=16,
+                lr=3e-3, start_lr=6e-4, momentum=0.99, augment=augment, seed=seed,
+                accelerator="cpu", devices=1, progress=False,
+                output_dir=tmp_path / f"{augment}-{seed}",
+            )  # fmt: skip
+            runs.append(knn_top1(result.module.model))
+    means = {augment: float(np.mean(runs)) for augment, runs in accuracy.items()}
+    spread = max(float(np.std(runs, ddof=1)) for runs in accuracy.values())
+    assert abs(means["device"] - means["loader"]) <= 2 * spread + 1.0, accuracy
