@@ -567,6 +567,9 @@ def test_the_cpu_standard_profile_and_its_tuning_plan_load() -> None:
     config = BenchmarkConfig.from_profile(load_profile("cpu-standard"))
     assert config.stages == (0.25, 0.5) and config.test_subset is None
     assert "train_subset" not in config.data  # the full training split
+    gpu = BenchmarkConfig.from_profile(load_profile("cifar10-gpu"))
+    assert gpu.trainer["max_epochs"] >= 100 and gpu.augment == "device"
+    assert gpu.stages == config.stages and gpu.vit == {**config.vit, "depth": 12}
     plan = tune.load_plan("cpu-standard")
     assert set(plan["trials"]) == {"msn", "dino", "simclr"}
     for method, trials in plan["trials"].items():
