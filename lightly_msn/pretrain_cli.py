@@ -19,6 +19,7 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from typing import Any
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from lightly_msn.data import MSNDataModule
+from lightly_msn.data import SMALL_IMAGE_SIZE, MSNDataModule
 from lightly_msn.files import atomic_write_text
 from lightly_msn.train import (
     MSNLightningModule,
@@ -38,6 +39,8 @@ from lightly_msn.train import (
     run_trainer_arguments,
 )
 
+logger = logging.getLogger(__name__)
+
 PROG = "lightly-msn pretrain"
 CONFIG_FILE = "config.yaml"
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -45,9 +48,21 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 1,
     "enable_model_summary": False,
 }
+# The small-data recipe (docs/training.md, "A recipe for small data"), the command
+# line's defaults: it trains on 32 px images unless told otherwise. Found by the fair
+# tuning of benchmarks/configs/tuning-cpu-standard.yaml.
+SMALL_DATA_RECIPE: dict[str, Any] = {
+    "lr": 1e-3,
+    "start_lr": 2e-4,
+    "num_prototypes": 1024,
+    "hidden_dim": 2048,
+    "output_dim": 256,
+    "momentum": 0.996,
+}
 MODEL_DEFAULTS: dict[str, Any] = {
     "model.vit": "vit_tiny_patch16_224",
     "model.patch_size": 4,
+    **{f"model.{key}": value for key, value in SMALL_DATA_RECIPE.items()},
 }
 
 
@@ -93,6 +108,25 @@ class PretrainCLI(LightningCLI):
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("data.random_views", "model.num_random_views")
         parser.set_defaults(MODEL_DEFAULTS)
+
+    def before_instantiate_classes(self) -> None:
+        """Warns when the small-image defaults are about to train on large images."""
+        config = self.config
+        small_defaults = all(
+            config[key] == value
+            for key, value in MODEL_DEFAULTS.items()
+            if key in ("model.vit", "model.patch_size")
+        )
+        if config["data"]["img_size"] > SMALL_IMAGE_SIZE and small_defaults:
+            logger.warning(
+                "%s: --data.img_size %d with the defaults made for images of %d px "
+                "and smaller (ViT-Tiny with 4 px patches, the small-data recipe); for "
+                "larger images start from the paper's recipe: --config "
+                "configs/msn_vits16_imagenet.yaml",
+                PROG,
+                config["data"]["img_size"],
+                SMALL_IMAGE_SIZE,
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer of ``--trainer.*`` plus the run directory's logger and files.

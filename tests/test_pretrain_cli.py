@@ -283,3 +283,30 @@ def test_official_settings_we_do_not_implement_are_refused(
     broken.write_text("meta: {model_name: deit_small}\n")
     assert main(["convert-config", str(broken)]) == 2
     assert "sections" in capsys.readouterr().err
+
+
+def test_the_defaults_are_the_shipped_small_image_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lightly_msn.pretrain_cli import SMALL_DATA_RECIPE
+
+    defaults = print_config(capsys)
+    shipped = yaml.safe_load((REPO / "configs" / "small_images.yaml").read_text())
+    for section in ("model", "data"):
+        for key, value in shipped[section].items():
+            if defaults[section][key] is not None:  # None: chosen by the image size
+                assert defaults[section][key] == value, (section, key)
+    for key, value in SMALL_DATA_RECIPE.items():
+        assert shipped["model"][key] == value, key
+
+
+@pytest.mark.parametrize("img_size, warned", [(32, False), (112, True)])
+def test_small_image_defaults_on_large_images_are_pointed_out(
+    img_size: int, warned: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightly_msn.pretrain_cli import PretrainCLI
+
+    arguments = ["--data.img_size", str(img_size), "--output_dir", str(tmp_path)]
+    with caplog.at_level("WARNING"):
+        PretrainCLI(arguments)
+    assert ("configs/msn_vits16_imagenet.yaml" in caplog.text) is warned
