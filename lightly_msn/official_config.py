@@ -120,6 +120,9 @@ def convert_official_config(
         "weight_decay": float(get("optimization", "weight_decay")),
         "final_weight_decay": float(get("optimization", "final_weight_decay")),
         "clip_grad": float(get("optimization", "clip_grad")),
+        # not in the config: fixed in the official src/msn_train.py
+        "momentum": 0.996,
+        "final_momentum": 1.0,
     }
     drop_path_rate = float(get("meta", "drop_path_rate", 0.0))
     if drop_path_rate:
