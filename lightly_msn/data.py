@@ -522,8 +522,7 @@ class MSNDataModule(LightningDataModule):
     - ``"loader"``: the loader workers make each image's views with the per-image
       :class:`~lightly_msn.transforms.MSNTransform` (PIL images).
 
-    Both make the same views (same arguments, same distributions; see
-    docs/training.md for what the default is measured against).
+    Both make the same views (same arguments, same distributions).
 
     Images up to 64 px get the small-image preset (no blur, CIFAR-10 statistics,
     focal views of half the size); larger ones the paper's (blur 0.5, ImageNet

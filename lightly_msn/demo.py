@@ -16,7 +16,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-# Defaults tuned on 2 CPU cores (about 2 minutes); see docs/training.md. The digits
+# Defaults tuned on 2 CPU cores (a few minutes). The digits
 # are small, centred and grey: the augmentation is milder than the 32 px preset (no
 # colour jitter, grey scale or flips, larger crops), which lets MSN learn in a few
 # hundred steps.

@@ -592,8 +592,8 @@ def _resizer(images: Tensor | Sequence[Tensor]) -> tuple[Resize, Tensor]:
     float32 in [0, 1]: one batched resampling of all views
     (:func:`_resize_batched`), so that the number of kernel launches does not
     grow with the number of views, except for images larger than 32 px on the
-    CPU, where one call of torch's uint8 antialiased kernel per view is faster
-    (both measured in ``benchmarks/perf_device_transforms.py``). Sizes
+    CPU, where one call of torch's uint8 antialiased kernel per view is faster.
+    Sizes
     ``(B, 2)`` (height, width) are on the CPU.
     """
     batch = _checked_images(images)

@@ -4,7 +4,8 @@ A drop-in replacement for ``lightly.loss.MSNLoss`` with the same constructor and
 forward signature. It computes the same quantity as lightly's and the official
 implementation [1], but in the log domain and without materialising the repeated
 targets, so it stays finite at low temperatures and in bfloat16/float16, uses less
-than half the memory and runs faster (see ``docs/loss.md`` for measurements).
+than half the memory and runs faster (the project's documentation has the
+measurements).
 
 The objective of [0] (Sec. 3, "Similarity Metric and Predictions" and "Training
 Objective") for ``B`` targets with ``M`` anchor views each, ``K`` prototypes ``q``,

@@ -145,8 +145,8 @@ class MSN(nn.Module):
             Load timm's pretrained weights when ``vit`` is a name.
         fast_class_token:
             Compute the last transformer block for the class token only: the
-            result is identical (only the class token is used) and a depth-6 ViT
-            step needs about 14 % fewer FLOPs (``benchmarks/perf_train_step.py``).
+            result is identical (only the class token is used) and the last block
+            costs a fraction of its full FLOPs.
             Applies to timm's standard ``Block`` as of timm 1.0.23; other blocks
             (and older timm versions) run in full.
         **vit_kwargs:

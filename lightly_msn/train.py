@@ -621,7 +621,7 @@ class CPULowPrecision(Callback):
 
     - On CPU under bfloat16 (or float16) autocast, the backward pass of
       ``scaled_dot_product_attention`` is several times slower than timm's explicit
-      attention (see docs/training.md), so every timm ``Attention`` of the trained
+      attention, so every timm ``Attention`` of the trained
       module uses the explicit one while it trains (timm's own ``fused_attn``
       switch, set once per fit and restored after it). Elsewhere timm's choice
       stands.

@@ -14,8 +14,8 @@ columns=False)``) and L2-normalised, and the objective is
 
 (cyanure's ``lambd = 0.00025 / n`` on its mean loss is this with
 ``regularization = 0.00025``). It is minimised by full-batch L-BFGS in torch, which
-runs on the GPU when one is given; ``docs/evaluation.md`` compares it with
-scikit-learn's ``lbfgs`` and cyanure on the same features.
+runs on the GPU when one is given (the project's documentation compares it with
+scikit-learn's ``lbfgs`` and cyanure on the same features).
 
 - [0]: Masked Siamese Networks, 2022, https://arxiv.org/abs/2204.07141
 """

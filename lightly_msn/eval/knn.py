@@ -57,9 +57,9 @@ class InnerProductSearch:
 
         On CPU the queries are split into one chunk per OpenMP thread, and each
         chunk is searched by its own Python thread with a single-threaded faiss
-        (faiss releases the GIL): 1.16x faster on 2 cores than one search whose
-        BLAS products and top-k selection are each split over the threads, which
-        synchronise after every block (``benchmarks/perf_eval.py``).
+        (faiss releases the GIL), which was faster than one search whose BLAS
+        products and top-k selection are each split over the threads, which
+        synchronise after every block.
         """
         if self._gpu_index is not None:
             return self._gpu_index.search(queries, k)
