@@ -344,7 +344,7 @@ def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
     if isinstance(image, Image.Image):
         array = np.array(image if image.mode == "RGB" else image.convert("RGB"))
         # (C, H, W) view of the (H, W, C) array: channels-last memory, in which
-        # torch's antialiased uint8 resize is faster in this layout than in NCHW
+        # torch's antialiased uint8 resize is faster than in NCHW
         return torch.from_numpy(array).permute(2, 0, 1)
     if not isinstance(image, Tensor):
         raise TypeError(
