@@ -3,8 +3,10 @@
 A tuning plan (``benchmarks/configs/tuning-<name>.yaml``) names a profile, the
 overrides that shorten its budget and carve a validation split out of the training
 images (``data.validation_size``: the test set is never used), the selection
-metric, and the trials of every method: recipe overrides, one dict per trial, the
-same number for every method. Each trial pretrains and evaluates through the
+metric, an optional ``base`` recipe per method (the starting point of its trials;
+the profile's own ``methods:`` entry, which may hold the winners, is not used), and
+the trials of every method: recipe overrides, one dict per trial, the same number
+for every method. Each trial pretrains and evaluates through the
 benchmark harness (``benchmarks.run.pretrain_and_evaluate``) and is logged in
 ``benchmarks/results/<run>/tuning/``:
 
@@ -76,7 +78,10 @@ def trial_config(plan: dict[str, Any], method: str, index: int) -> BenchmarkConf
         )
     overrides = dict(plan["trials"][method][index] or {})
     methods = dict(profile.get("methods") or {})
-    methods[method] = {**methods.get(method, {}), **overrides}
+    # the profile's own entry for the method may hold a tuning's winners: a trial
+    # starts from the plan's base recipe instead, so that a plan always reruns alike
+    base = dict((plan.get("base") or {}).get(method) or {})
+    methods[method] = {**base, **overrides}
     config = BenchmarkConfig.from_profile({**profile, "methods": methods})
     config.recipe(method, load_method(method).defaults)  # fail early on a typo
     return config

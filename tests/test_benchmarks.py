@@ -578,3 +578,14 @@ def test_the_cpu_standard_profile_and_its_tuning_plan_load() -> None:
             assert trial.data["validation_size"] == 2000 and trial.stages is None
             recipe = trial.recipe(method, load_method(method).defaults)
             assert recipe["lr_per_256"] == trials[index]["lr_per_256"]
+
+
+def test_a_trial_starts_from_the_plans_base_not_the_profiles_winners() -> None:
+    from benchmarks import tune
+
+    plan = tune.load_plan("cpu-standard")
+    profile_recipe = load_profile("cpu-standard")["methods"]["msn"]
+    assert profile_recipe["num_prototypes"] == 256  # the winners
+    first = tune.trial_config(plan, "msn", 0).recipe("msn", load_method("msn").defaults)
+    assert first["num_prototypes"] == 1024 and first["momentum"] == 0.99
+    assert first["lr_per_256"] == 2e-3
