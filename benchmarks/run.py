@@ -55,6 +55,7 @@ from lightly_msn.data import (
     build_dataset,
     dataset_labels,
     eval_transform,
+    training_indices,
     validation_indices,
 )
 from lightly_msn.eval.fewshot import parse_shots
@@ -174,38 +175,36 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
         config.data.get("data_dir"),
     )
     validation_size = config.data.get("validation_size")
-    test_split = "train" if validation_size else "test"
-    splits = {
-        split: build_dataset(
-            dataset, split, data_dir=data_dir, img_size=config.img_size
+    train = build_dataset(dataset, "train", data_dir=data_dir, img_size=config.img_size)
+    train_labels = dataset_labels(train)
+    if validation_size:
+        scored = train
+        scored_pool = np.asarray(validation_indices(train_labels, validation_size))
+    else:
+        scored = build_dataset(
+            dataset, "test", data_dir=data_dir, img_size=config.img_size
         )
-        for split in {"train", test_split}
-    }
-    labels = {split: dataset_labels(images) for split, images in splits.items()}
+        scored_pool = np.arange(len(scored))
+    scored_labels = dataset_labels(scored)
     to_tensor = evaluation_transform(config)
-    held_out = np.asarray(validation_indices(labels["train"], validation_size), int)
-    # where the bank ("train") and the scored images ("test") are drawn from
-    pools = {
-        "train": ("train", np.setdiff1d(np.arange(len(labels["train"])), held_out)),
-        "test": (test_split, held_out)
-        if validation_size
-        else ("test", np.arange(len(labels["test"]))),
-    }
 
-    def subset(pool: str, size: int | None, seed_offset: int) -> Dataset:
-        split, indices = pools[pool]
-        chosen = balanced_indices(
-            labels[split][indices], size, config.seed + seed_offset
-        )
-        return TransformedSubset(splits[split], indices[chosen].tolist(), to_tensor)
+    def bank(size: int | None, seed_offset: int) -> Dataset:
+        seed = config.seed + seed_offset
+        indices = training_indices(train_labels, size, seed, validation_size)
+        return TransformedSubset(train, indices, to_tensor)
+
+    def test(size: int | None, seed_offset: int) -> Dataset:
+        labels = scored_labels[scored_pool]
+        chosen = balanced_indices(labels, size, config.seed + seed_offset)
+        return TransformedSubset(scored, scored_pool[chosen].tolist(), to_tensor)
 
     sets = {
-        "bank": subset("train", config.bank_subset, 1),
-        "test": subset("test", config.test_subset, 2),
+        "bank": bank(config.bank_subset, 1),
+        "test": test(config.test_subset, 2),
     }
     if config.stages is None and config.monitor_bank > 0 and config.monitor_test > 0:
-        sets["monitor_bank"] = subset("train", config.monitor_bank, 3)
-        sets["monitor_test"] = subset("test", config.monitor_test, 4)
+        sets["monitor_bank"] = bank(config.monitor_bank, 3)
+        sets["monitor_test"] = test(config.monitor_test, 4)
     return sets
 
 
