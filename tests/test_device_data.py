@@ -361,21 +361,12 @@ def test_gpu_batches_equal_the_cpu_transform_of_the_same_images() -> None:
 # --- the views train alike ----------------------------------------------------------
 
 
-class ClassTokens(torch.nn.Module):
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.backbone_features(images)
-
-
 def test_device_views_train_as_well_as_the_pil_views(tmp_path: Path) -> None:
     """kNN accuracy after a short pretraining: the paths agree within the seeds'
     spread (3 seeds each, same images, same model, same recipe)."""
     from lightly_msn.data import build_dataset, eval_transform, normalization
-    from lightly_msn.eval.embed import embed
-    from lightly_msn.eval.knn import KNNClassifier
+    from lightly_msn.demo import knn_accuracy
+    from lightly_msn.model import ClassTokenFeatures
     from lightly_msn.train import pretrain
     from tests._train_helpers import tiny_vit
 
@@ -384,13 +375,6 @@ def test_device_views_train_as_well_as_the_pil_views(tmp_path: Path) -> None:
         build_dataset("digits", split, img_size=16, transform=to_tensor)
         for split in ("train", "test")
     )
-
-    def knn_top1(model: Any) -> float:
-        features = [
-            embed(ClassTokens(model), images, progress=False) for images in (bank, test)
-        ]
-        classifier = KNNClassifier(ks=(20,)).fit(*features[0])
-        return classifier.score(*features[1])["knn_top1@20"]
 
     accuracy: dict[str, list[float]] = {"device": [], "loader": []}
     for augment, runs in accuracy.items():
@@ -404,7 +388,8 @@ def test_device_views_train_as_well_as_the_pil_views(tmp_path: Path) -> None:
                 accelerator="cpu", devices=1, progress=False,
                 output_dir=tmp_path / f"{augment}-{seed}",
             )  # fmt: skip
-            runs.append(knn_top1(result.module.model))
+            target = ClassTokenFeatures(result.module.model.target_vit).eval()
+            runs.append(knn_accuracy(target, bank, test, progress=False))  # k = 20
     means = {augment: float(np.mean(runs)) for augment, runs in accuracy.items()}
     spread = max(float(np.std(runs, ddof=1)) for runs in accuracy.values())
     assert abs(means["device"] - means["loader"]) <= 2 * spread + 1.0, accuracy
