@@ -114,9 +114,8 @@ class PretrainCLI(LightningCLI):
         """Warns when the small-image defaults are about to train on large images."""
         config = self.config
         small_defaults = all(
-            config[key] == value
-            for key, value in MODEL_DEFAULTS.items()
-            if key in ("model.vit", "model.patch_size")
+            config[key] == MODEL_DEFAULTS[key]
+            for key in ("model.vit", "model.patch_size")
         )
         if config["data"]["img_size"] > SMALL_IMAGE_SIZE and small_defaults:
             logger.warning(
