@@ -191,6 +191,57 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_percent(point: dict[str, Any], last: dict[str, Any]) -> int:
+    return round(100 * point["step"] / last["step"]) if last["step"] else 100
+
+
+def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
+    """Accuracy against compute: one row per method, one column per budget stage.
+
+    kNN top-1 (k = 20) and few-shot top-1 at the stages' labels per class, measured
+    at the initialisation, at each stage and at the end, plus the training minutes
+    (measurements excluded) to reach each stage. ``None`` without staged curves.
+    """
+    staged = [r for r in records if r.get("knn_curve_sets") == "bank"]
+    if not staged:
+        return None
+    percents = sorted(
+        {_stage_percent(p, r["knn_curve"][-1]) for r in staged for p in r["knn_curve"]}
+    )
+    shots = {r["config"]["benchmark"]["stage_shots"] for r in staged if "config" in r}
+    shots_label = f"{shots.pop()} per class" if len(shots) == 1 else "few-shot"
+    header = (
+        ["method"]
+        + [f"kNN k={STAGE_K} at {p} %" for p in percents]
+        + [f"{shots_label} at {p} %" for p in percents]
+        + ["training min at " + " / ".join(f"{p}" for p in percents if p) + " %"]
+    )
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for record in staged:
+        curve = record["knn_curve"]
+        by_percent = {_stage_percent(p, curve[-1]): p for p in curve}
+        points = [by_percent.get(p, {}) for p in percents]
+        minutes = [
+            _number(point["train_seconds"] / 60) if point else "–"
+            for percent, point in zip(percents, points, strict=True)
+            if percent
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [record["method"]]
+                + [_number(point.get("top1")) for point in points]
+                + [_number(point.get("fewshot_top1")) for point in points]
+                + [" / ".join(minutes)]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _save_plot(
     path: Path,
     series: Sequence[tuple[str, list[float], list[float], list[float] | None]],
@@ -242,8 +293,12 @@ def plot_fewshot(records: Sequence[dict[str, Any]], path: Path) -> Path:
     )
 
 
-def plot_knn_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
-    """kNN top-1 on the monitoring bank against the epoch (0 = initialisation)."""
+def plot_knn_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """kNN top-1 on the monitoring bank against the epoch (0 = initialisation).
+
+    ``None`` (no file) when no record has a per-epoch monitor curve: staged runs
+    plot their curves in ``progress.png``.
+    """
     series = [
         (
             record["method"],
@@ -254,6 +309,8 @@ def plot_knn_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
         for record in records
         if record.get("knn_curve") and record.get("knn_curve_sets") != "bank"
     ]
+    if not series:
+        return None
     return _save_plot(path, series, "epoch", "kNN top-1 (%), monitoring bank")
 
 
@@ -309,6 +366,9 @@ def summarize(run_dir: Path) -> str:
     if not records:
         raise ValueError(f"no benchmark records (*.json) in {run_dir}")
     table = markdown_table(records)
+    stages = stage_table(records)
+    if stages is not None:
+        table += "\nAccuracy against compute (`progress.png`):\n\n" + stages
     atomic_write_text(run_dir / "results.md", table)
     write_csv(records, run_dir / "results.csv")
     plot_fewshot(records, run_dir / "fewshot.png")

@@ -482,6 +482,39 @@ def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -
     initial = f"{curve[0]['top1']:.1f}"
     assert f"| simclr | {initial} |" in table
     assert (tmp_path / "run" / "progress.png").stat().st_size > 0
+    assert not (tmp_path / "run" / "knn_curve.png").exists()
+    assert "| kNN k=20 at 0 % | kNN k=20 at 25 % | kNN k=20 at 50 % |" in table
+
+
+def staged_record(method: str, top1: list[float]) -> dict[str, Any]:
+    record = fake_record(method, 0.0)
+    record["config"] = {"benchmark": {"stage_shots": 5}}
+    record["knn_curve_sets"] = "bank"
+    record["knn_curve"] = [
+        {"step": step, "top1": acc, "fewshot_top1": acc / 2, "train_seconds": 30 * step}
+        for step, acc in zip([0, 10, 20, 40], top1, strict=True)
+    ]
+    return record
+
+
+def test_stage_table_reads_each_stage_of_the_budget() -> None:
+    records = [
+        staged_record("msn", [30.0, 32.0, 34.0, 40.0]),
+        staged_record("simclr", [31.0, 35.0, 38.0, 42.25]),
+    ]
+    lines = results.stage_table(records).splitlines()  # type: ignore[union-attr]
+    assert lines[0] == (
+        "| method | kNN k=20 at 0 % | kNN k=20 at 25 % | kNN k=20 at 50 % "
+        "| kNN k=20 at 100 % | 5 per class at 0 % | 5 per class at 25 % "
+        "| 5 per class at 50 % | 5 per class at 100 % "
+        "| training min at 25 / 50 / 100 % |"
+    )
+    assert lines[2] == (
+        "| msn | 30.0 | 32.0 | 34.0 | 40.0 | 15.0 | 16.0 | 17.0 | 20.0 "
+        "| 5.0 / 10.0 / 20.0 |"
+    )
+    assert lines[3].startswith("| simclr | 31.0 | 35.0 | 38.0 | 42.2 |")
+    assert results.stage_table([fake_record("msn", 0.0)]) is None
 
 
 def test_stages_need_their_final_evaluation_settings() -> None:
