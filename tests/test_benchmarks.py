@@ -120,6 +120,25 @@ def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
         assert not pos_embed.requires_grad, name
         torch.testing.assert_close(pos_embed, reference, msg=name)
     assert reference[0, 1:].abs().max() > 0.5  # sin-cos values, not trunc-normal
+
+
+def test_every_method_starts_from_the_same_weights() -> None:
+    """Whatever a method draws before or after its ViT, the ViT's weights agree."""
+    config = tiny_config()
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, config.img_size, config.img_size)
+    features = {}
+    for name in ALL_METHODS:
+        torch.manual_seed(len(name))  # a different global stream for each method
+        method = load_method(name).from_config(config).eval()
+        with torch.no_grad():
+            features[name] = method.backbone_features(images)
+    for name, values in features.items():
+        torch.testing.assert_close(values, features["msn_lightly"], msg=name)
+    other_seed = load_method("msn").from_config(tiny_config(seed_everything=1))
+    with torch.no_grad():
+        moved = other_seed.eval().backbone_features(images)
+    assert not torch.allclose(moved, features["msn"])
     # and the frozen embedding stays out of our optimizer groups
     msn = load_method("msn").from_config(config)
     grouped = {id(p) for g in msn.model.parameter_groups() for p in g["params"]}

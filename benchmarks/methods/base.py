@@ -265,27 +265,39 @@ def _check_keys(section: str, values: Mapping[str, Any], known: Iterable[str]) -
         )
 
 
-def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
-    """The ViT shared by all methods: timm's, without classifier, any image size.
+def make_masked_vit(
+    config: BenchmarkConfig, **kwargs: Any
+) -> MaskedVisionTransformerTIMM:
+    """The ViT shared by all methods, in lightly's wrapper: the same weights for all.
 
-    ``dynamic_img_size`` lets local / focal views of another resolution pass through
-    the same trunk (the position embedding is resampled to their grid).
+    timm's ViT without classifier, for any image size: ``dynamic_img_size`` lets
+    local / focal views of another resolution pass through the same trunk (the
+    position embedding is resampled to their grid). Lightly's wrapper initialises it
+    MAE-style, with a fixed 2-D sin-cos position embedding.
 
-    Every method starts from the same initialisation, lightly's: its ViT wrapper
-    (``MaskedVisionTransformerTIMM``, which all lightly-based methods put around this
-    ViT) re-initialises it MAE-style, with a fixed 2-D sin-cos position embedding.
-    ``msn`` and ``pmsn`` would otherwise keep timm's initialisation and a learnable
-    position embedding, and in a short run the comparison would measure the
-    initialisation rather than the method.
+    The weights are drawn from their own generator seeded with ``config.seed``, so
+    every method starts from the same network whatever it builds before or after (its
+    heads, prototypes): the "at init" accuracies agree and the gains compare.
     """
-    vit = VisionTransformer(
-        img_size=config.img_size,
-        num_classes=0,
-        dynamic_img_size=True,
-        **{**config.vit, **kwargs},
-    )
-    MaskedVisionTransformerTIMM(vit=vit)  # initialises ``vit`` in place
-    return vit
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        vit = VisionTransformer(
+            img_size=config.img_size,
+            num_classes=0,
+            dynamic_img_size=True,
+            **{**config.vit, **kwargs},
+        )
+        return MaskedVisionTransformerTIMM(vit=vit)
+
+
+def make_vit(config: BenchmarkConfig, **kwargs: Any) -> VisionTransformer:
+    """The trunk of :func:`make_masked_vit`, for methods that mask on their own.
+
+    ``msn`` and ``pmsn`` take it: they would otherwise keep timm's initialisation and
+    a learnable position embedding, and a short run would compare initialisations
+    rather than methods.
+    """
+    return make_masked_vit(config, **kwargs).vit
 
 
 class BenchmarkMethod(LightningModule):

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
-from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import update_momentum
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
-    make_vit,
+    make_masked_vit,
     views_of,
 )
 from lightly_msn.device_transforms import DeviceMultiViewTransform
@@ -39,7 +38,7 @@ class BYOL(BenchmarkMethod):
 
     def __init__(self, config: BenchmarkConfig) -> None:
         super().__init__(config)
-        self.backbone = MaskedVisionTransformerTIMM(vit=make_vit(config))
+        self.backbone = make_masked_vit(config)
         self.projection_head = BYOLProjectionHead(config.embed_dim, 4096, 256)
         self.prediction_head = BYOLPredictionHead(256, 4096, 256)
         self.target_backbone = copy.deepcopy(self.backbone)

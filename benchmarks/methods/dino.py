@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightly.loss import DINOLoss
-from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
+from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from lightly.transforms import DINOTransform
 from lightly.utils.scheduler import cosine_schedule
@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
-    make_vit,
+    make_masked_vit,
     views_of,
 )
 from lightly_msn.device_transforms import DeviceMultiViewTransform
@@ -65,7 +65,7 @@ class DINO(BenchmarkMethod):
     def __init__(self, config: BenchmarkConfig) -> None:
         super().__init__(config)
         output_dim = int(self.recipe["output_dim"])
-        self.teacher_backbone = MaskedVisionTransformerTIMM(vit=make_vit(config))
+        self.teacher_backbone = make_masked_vit(config)
         self.teacher_head = DINOProjectionHead(
             input_dim=config.embed_dim, output_dim=output_dim, norm_last_layer=False
         )

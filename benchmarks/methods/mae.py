@@ -19,7 +19,6 @@ import torch
 from lightly.models import utils
 from lightly.models.modules import (
     MaskedVisionTransformerDecoderTIMM,
-    MaskedVisionTransformerTIMM,
 )
 from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.transforms import MAETransform
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
-    make_vit,
+    make_masked_vit,
     views_of,
 )
 from lightly_msn.device_transforms import DeviceMultiViewTransform
@@ -48,9 +47,9 @@ class MAE(BenchmarkMethod):
 
     def __init__(self, config: BenchmarkConfig) -> None:
         super().__init__(config)
-        vit = make_vit(config)
+        self.backbone = make_masked_vit(config)
+        vit = self.backbone.vit
         decoder_dim = int(self.recipe["decoder_dim"])
-        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
         self.sequence_length = self.backbone.sequence_length
         self.decoder_embed = nn.Linear(config.embed_dim, decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import torch
 from lightly.loss import MSNLoss
 from lightly.models import utils
-from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.modules.heads import MSNProjectionHead
 from lightly.transforms import MSNTransform
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
-    make_vit,
+    make_masked_vit,
     views_of,
 )
 from lightly_msn.device_transforms import DeviceMultiViewTransform
@@ -67,7 +66,7 @@ class MSNLightly(BenchmarkMethod):
     def __init__(self, config: BenchmarkConfig) -> None:
         super().__init__(config)
         self.mask_ratio = float(self.recipe["mask_ratio"])
-        self.backbone = MaskedVisionTransformerTIMM(vit=make_vit(config))
+        self.backbone = make_masked_vit(config)
         self.projection_head = MSNProjectionHead(input_dim=config.embed_dim)
         self.anchor_backbone = copy.deepcopy(self.backbone)
         self.anchor_projection_head = copy.deepcopy(self.projection_head)

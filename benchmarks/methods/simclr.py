@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import torch
 from lightly.loss import NTXentLoss
-from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.modules.heads import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from torch import Tensor, nn
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from benchmarks.methods.base import (
     BenchmarkConfig,
     BenchmarkMethod,
-    make_vit,
+    make_masked_vit,
     views_of,
 )
 from lightly_msn.device_transforms import DeviceMultiViewTransform
@@ -39,7 +38,7 @@ class SimCLR(BenchmarkMethod):
 
     def __init__(self, config: BenchmarkConfig) -> None:
         super().__init__(config)
-        self.backbone = MaskedVisionTransformerTIMM(vit=make_vit(config))
+        self.backbone = make_masked_vit(config)
         self.projection_head = SimCLRProjectionHead(
             input_dim=config.embed_dim, hidden_dim=2048, output_dim=128
         )
