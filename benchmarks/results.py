@@ -195,6 +195,12 @@ def _stage_percent(point: dict[str, Any], last: dict[str, Any]) -> int:
     return round(100 * point["step"] / last["step"]) if last["step"] else 100
 
 
+def _stage_shots_label(staged: Sequence[dict[str, Any]]) -> str:
+    """``"5 per class"`` when all staged records measured the same few-shot setting."""
+    shots = {r["config"]["benchmark"]["stage_shots"] for r in staged if "config" in r}
+    return f"{shots.pop()} per class" if len(shots) == 1 else "few-shot"
+
+
 def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
     """Accuracy against compute: one row per method, one column per budget stage.
 
@@ -208,8 +214,7 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
     percents = sorted(
         {_stage_percent(p, r["knn_curve"][-1]) for r in staged for p in r["knn_curve"]}
     )
-    shots = {r["config"]["benchmark"]["stage_shots"] for r in staged if "config" in r}
-    shots_label = f"{shots.pop()} per class" if len(shots) == 1 else "few-shot"
+    shots_label = _stage_shots_label(staged)
     header = (
         ["method"]
         + [f"kNN k={STAGE_K} at {p} %" for p in percents]
@@ -332,7 +337,7 @@ def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
     rows = [
         ("top1", f"kNN top-1 (%), k={STAGE_K}"),
-        ("fewshot_top1", "few-shot top-1 (%)"),
+        ("fewshot_top1", f"few-shot top-1 (%), {_stage_shots_label(staged)}"),
     ]
     columns = [
         ("train_seconds", "training wall time (min)", 1 / 60),
