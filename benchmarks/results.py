@@ -211,9 +211,11 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
     staged = [r for r in records if r.get("knn_curve_sets") == "bank"]
     if not staged:
         return None
-    percents = sorted(
-        {_stage_percent(p, r["knn_curve"][-1]) for r in staged for p in r["knn_curve"]}
-    )
+    points_by_percent = [
+        {_stage_percent(p, r["knn_curve"][-1]): p for p in r["knn_curve"]}
+        for r in staged
+    ]
+    percents = sorted({percent for points in points_by_percent for percent in points})
     shots_label = _stage_shots_label(staged)
     header = (
         ["method"]
@@ -225,9 +227,7 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
-    for record in staged:
-        curve = record["knn_curve"]
-        by_percent = {_stage_percent(p, curve[-1]): p for p in curve}
+    for record, by_percent in zip(staged, points_by_percent, strict=True):
         points = [by_percent.get(p, {}) for p in percents]
         minutes = [
             _number(point["train_seconds"] / 60) if point else "–"

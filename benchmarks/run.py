@@ -178,14 +178,15 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
     train = build_dataset(dataset, "train", data_dir=data_dir, img_size=config.img_size)
     train_labels = dataset_labels(train)
     if validation_size:
-        scored = train
+        scored, scored_labels = train, train_labels
         scored_pool = np.asarray(validation_indices(train_labels, validation_size))
     else:
         scored = build_dataset(
             dataset, "test", data_dir=data_dir, img_size=config.img_size
         )
+        scored_labels = dataset_labels(scored)
         scored_pool = np.arange(len(scored))
-    scored_labels = dataset_labels(scored)
+    pool_labels = scored_labels[scored_pool]
     to_tensor = evaluation_transform(config)
 
     def bank(size: int | None, seed_offset: int) -> Dataset:
@@ -194,8 +195,7 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
         return TransformedSubset(train, indices, to_tensor)
 
     def test(size: int | None, seed_offset: int) -> Dataset:
-        labels = scored_labels[scored_pool]
-        chosen = balanced_indices(labels, size, config.seed + seed_offset)
+        chosen = balanced_indices(pool_labels, size, config.seed + seed_offset)
         return TransformedSubset(scored, scored_pool[chosen].tolist(), to_tensor)
 
     sets = {

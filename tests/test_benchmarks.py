@@ -120,6 +120,10 @@ def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
         assert not pos_embed.requires_grad, name
         torch.testing.assert_close(pos_embed, reference, msg=name)
     assert reference[0, 1:].abs().max() > 0.5  # sin-cos values, not trunc-normal
+    # and the frozen embedding stays out of our optimizer groups
+    msn = load_method("msn").from_config(config)
+    grouped = {id(p) for g in msn.model.parameter_groups() for p in g["params"]}
+    assert id(msn.model.vit.pos_embed) not in grouped
 
 
 def test_every_method_starts_from_the_same_weights() -> None:
@@ -139,10 +143,6 @@ def test_every_method_starts_from_the_same_weights() -> None:
     with torch.no_grad():
         moved = other_seed.eval().backbone_features(images)
     assert not torch.allclose(moved, features["msn"])
-    # and the frozen embedding stays out of our optimizer groups
-    msn = load_method("msn").from_config(config)
-    grouped = {id(p) for g in msn.model.parameter_groups() for p in g["params"]}
-    assert id(msn.model.vit.pos_embed) not in grouped
 
 
 def test_views_follow_the_config() -> None:
