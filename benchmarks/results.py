@@ -247,6 +247,63 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def _paired_cell(reference: Sequence[float], other: Sequence[float]) -> str:
+    differences = [a - b for a, b in zip(reference, other, strict=False)]
+    n = len(differences)
+    if n == 0:
+        return "–"
+    mean = sum(differences) / n
+    wins = sum(d > 0 for d in differences)
+    if n == 1:
+        return f"{mean:+.1f} ({wins}/1)"
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
+    return f"{mean:+.1f} ± {math.sqrt(variance / n):.1f} ({wins}/{n})"
+
+
+def paired_table(
+    records: Sequence[dict[str, Any]], reference: str = "msn"
+) -> str | None:
+    """Few-shot top-1 of ``reference`` minus each other method, draw by draw.
+
+    Within a run every method is scored on the same labelled draws (draw ``i`` picks
+    the same images for all), so the per-draw difference cancels how easy each draw
+    is, which dominates the spread of the means. A cell is the mean difference ±
+    its standard error over the draws both records have (the draws are nested: the
+    first 3 of 10 are the 3 of a 3-draw evaluation), then the draws ``reference``
+    wins. ``None`` without ``reference`` or another method.
+    """
+    by_method = {record["method"]: record for record in records}
+    if reference not in by_method or len(by_method) < 2:
+        return None
+    settings = fewshot_settings(records)
+
+    def accuracies(record: dict[str, Any], setting: str) -> list[float]:
+        for entry in record.get("fewshot", []):
+            if entry["setting"] == setting:
+                return list(entry["accuracies"])
+        return []
+
+    header = ["method"] + [
+        f"{s} {'labelled' if s.endswith('%') else 'per class'}" for s in settings
+    ]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(settings)) + "|",
+    ]
+    for record in records:
+        if record["method"] == reference:
+            continue
+        cells = [
+            _paired_cell(
+                accuracies(by_method[reference], setting),
+                accuracies(record, setting),
+            )
+            for setting in settings
+        ]
+        lines.append("| " + " | ".join([record["method"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _save_plot(
     path: Path,
     series: Sequence[tuple[str, list[float], list[float], list[float] | None]],
@@ -374,6 +431,12 @@ def summarize(run_dir: Path) -> str:
     stages = stage_table(records)
     if stages is not None:
         table += "\nAccuracy against compute (`progress.png`):\n\n" + stages
+    paired = paired_table(records)
+    if paired is not None:
+        table += (
+            "\nFew-shot top-1 of `msn` minus each method on the same draws (mean ± "
+            "standard error, draws `msn` wins):\n\n" + paired
+        )
     atomic_write_text(run_dir / "results.md", table)
     write_csv(records, run_dir / "results.csv")
     plot_fewshot(records, run_dir / "fewshot.png")

@@ -26,6 +26,7 @@ checkpoint after every epoch: an interrupted method continues from it) and write
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -260,6 +261,23 @@ def final_stage(
     return point
 
 
+def evaluate_method(
+    method: Any,
+    sets: dict[str, Dataset],
+    config: BenchmarkConfig,
+    progress: bool = True,
+) -> FeatureEvaluation:
+    """kNN, few-shot and retrieval scores of a method's frozen features."""
+    return evaluate_features(
+        embed_method(method, sets["bank"], progress=progress),
+        embed_method(method, sets["test"], progress=progress),
+        knn_ks=config.knn_ks,
+        shots=parse_shots(",".join(config.fewshot)),
+        seeds=config.fewshot_seeds,
+        progress=progress,
+    )
+
+
 def pretrain_and_evaluate(
     config: BenchmarkConfig, method_name: str, run_dir: Path, progress: bool = True
 ) -> dict[str, Any] | None:
@@ -314,14 +332,7 @@ def pretrain_and_evaluate(
     images_seen = trainer.global_step * config.global_batch_size
 
     start = time.perf_counter()
-    evaluation = evaluate_features(
-        embed_method(method, sets["bank"], progress=progress),
-        embed_method(method, sets["test"], progress=progress),
-        knn_ks=config.knn_ks,
-        shots=parse_shots(",".join(config.fewshot)),
-        seeds=config.fewshot_seeds,
-        progress=progress,
-    )
+    evaluation = evaluate_method(method, sets, config, progress=progress)
     curve = list(progress_evaluation.curve) if progress_evaluation else []
     if config.stages is not None:  # the last stage is the final evaluation
         curve.append(
@@ -354,6 +365,79 @@ def pretrain_and_evaluate(
         "knn_curve": curve,
         "knn_curve_sets": "bank" if config.stages is not None else "monitor",
     }
+    results.write_record(run_dir, record)
+    return record
+
+
+REEVALUATION_KEYS = ("knn_ks", "fewshot", "fewshot_seeds")
+"""The ``benchmark`` values a re-evaluation may change: they do not touch training."""
+
+
+def _profile_differences(trained: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The profile values (``section.key``) that differ, evaluation-only ones aside."""
+    trained, current = json.loads(json.dumps(trained)), json.loads(json.dumps(current))
+    differences = []
+    for section in sorted(set(trained) | set(current)):
+        before, after = trained.get(section), current.get(section)
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            if before != after:
+                differences.append(section)
+            continue
+        for key in sorted(set(before) | set(after)):
+            if section == "benchmark" and key in REEVALUATION_KEYS:
+                continue
+            if before.get(key) != after.get(key):
+                differences.append(f"{section}.{key}")
+    return differences
+
+
+def reevaluate(
+    config: BenchmarkConfig, method_name: str, run_dir: Path, progress: bool = True
+) -> dict[str, Any]:
+    """Evaluates a finished method's last checkpoint again and rewrites its record.
+
+    For more few-shot draws (``benchmark.fewshot_seeds``), other shot settings or
+    kNN ``k`` on weights already trained: the record keeps its pretraining entries
+    and its curve, whose last point takes the new few-shot mean. Every other profile
+    value must be the one the method trained under.
+    """
+    path = results.record_path(run_dir, method_name)
+    last = run_dir / method_name / CHECKPOINT_DIR / LAST_CHECKPOINT
+    for required in (path, last):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"reevaluate {method_name}: {required} does not exist; a method is "
+                "re-evaluated after its run has finished."
+            )
+    record = json.loads(path.read_text())
+    differences = _profile_differences(record["config"], config.to_dict())
+    if differences:
+        raise ValueError(
+            f"reevaluate {method_name}: {path} was trained under other values of "
+            f"{', '.join(differences)}; only benchmark."
+            f"{{{','.join(REEVALUATION_KEYS)}}} may change."
+        )
+    method = load_method(method_name).from_config(config)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    method.load_state_dict(checkpoint["state_dict"])
+    method.eval()
+
+    start = time.perf_counter()
+    evaluation = evaluate_method(
+        method, evaluation_sets(config), config, progress=progress
+    )
+    record.update(evaluation_record(evaluation))
+    record["config"] = config.to_dict()
+    record["eval"]["wall_time_s"] = time.perf_counter() - start
+    record["eval"]["reevaluated_from"] = (
+        f"{method_name}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"
+    )
+    curve = record.get("knn_curve") or []
+    if config.stages is not None and curve:
+        curve[-1]["top1"] = evaluation.knn[STAGE_K]["top1"]
+        for result in evaluation.fewshot:
+            if result.name == str(config.stage_shots):
+                curve[-1]["fewshot_top1"] = result.mean
     results.write_record(run_dir, record)
     return record
 
@@ -392,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the methods that already have a result in the run folder",
     )
     parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate the finished methods' last checkpoints again (e.g. with "
+        "--set benchmark.fewshot_seeds=10) instead of training",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="run the methods in this process instead of one subprocess each",
@@ -403,24 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = BenchmarkConfig.from_profile(
-        merge_profile(load_profile(args.profile), parse_overrides(args.set))
-    )
-    methods = (
-        available_methods()
-        if args.methods == "all"
-        else [m.strip() for m in args.methods.split(",") if m.strip()]
-    )
-    for name in methods:
-        load_method(name)  # fail early on a typo
-    run_dir = Path(args.results_dir) / (args.name or Path(args.profile).stem)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def pretrain_methods(
+    args: argparse.Namespace,
+    config: BenchmarkConfig,
+    methods: Sequence[str],
+    run_dir: Path,
+) -> list[str]:
+    """Pretrains and evaluates each method (one process each); the failed ones."""
     progress = not args.no_progress
-    if not progress:  # also the data checks' bars, in the processes started below
-        os.environ["TQDM_DISABLE"] = "1"
-
     failed: list[str] = []
     for name in methods:
         if args.skip_existing and results.record_path(run_dir, name).is_file():
@@ -456,6 +536,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[benchmarks] {name}: done in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = BenchmarkConfig.from_profile(
+        merge_profile(load_profile(args.profile), parse_overrides(args.set))
+    )
+    methods = (
+        available_methods()
+        if args.methods == "all"
+        else [m.strip() for m in args.methods.split(",") if m.strip()]
+    )
+    for name in methods:
+        load_method(name)  # fail early on a typo
+    run_dir = Path(args.results_dir) / (args.name or Path(args.profile).stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    if not progress:  # also the data checks' bars, in the processes started below
+        os.environ["TQDM_DISABLE"] = "1"
+
+    if args.reevaluate:
+        for name in methods:
+            print(f"[benchmarks] {name}: re-evaluating its last checkpoint", flush=True)
+            reevaluate(config, name, run_dir, progress=progress)
+        failed: list[str] = []
+    else:
+        failed = pretrain_methods(args, config, methods, run_dir)
     if not _is_global_zero():
         return 0
     records = results.load_records(run_dir)

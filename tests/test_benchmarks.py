@@ -291,6 +291,28 @@ def test_results_round_trip_table_csv_and_plots(tmp_path: Path) -> None:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_paired_table_compares_msn_draw_by_draw() -> None:
+    def record(method: str, one_shot: list[float], one_percent: list[float]) -> Any:
+        entries = [("1", one_shot), ("1%", one_percent)]
+        fewshot = [{"setting": s, "accuracies": a} for s, a in entries if a]
+        return {"method": method, "fewshot": fewshot}
+
+    records = [
+        record("msn", [20.0, 22.0, 25.0, 30.0], [30.0]),
+        record("dino", [18.0, 22.0], []),
+        record("simclr", [19.0, 23.0, 21.0], [29.0]),
+    ]
+    table = results.paired_table(records)
+    assert table is not None
+    # differences 1, -1, 4 over the 3 shared draws: mean 4/3, sample variance
+    # 57/9, standard error sqrt(57/9 / 3) = 1.45; dino shares 2 draws: 2, 0
+    assert "| simclr | +1.3 ± 1.5 (2/3) | +1.0 (1/1) |" in table
+    assert "| dino | +1.0 ± 1.0 (1/2) | – |" in table
+    assert "| msn |" not in table
+    assert results.paired_table(records[1:]) is None
+    assert results.paired_table(records[:1]) is None
+
+
 def test_table_marks_missing_values(tmp_path: Path) -> None:
     partial = copy.deepcopy(fake_record("dino", 0.0))
     del partial["retrieval"]
@@ -503,6 +525,48 @@ def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -
     assert (tmp_path / "run" / "progress.png").stat().st_size > 0
     assert not (tmp_path / "run" / "knn_curve.png").exists()
     assert "| kNN k=20 at 0 % | kNN k=20 at 25 % | kNN k=20 at 50 % |" in table
+
+
+def test_reevaluation_reproduces_the_run_and_adds_draws(tmp_path: Path) -> None:
+    from benchmarks.run import pretrain_and_evaluate, reevaluate
+
+    benchmark = {
+        "bank_subset": 60,
+        "test_subset": 30,
+        "knn_ks": [5, 20],
+        "fewshot": ["1", "2"],
+        "fewshot_seeds": 2,
+        "stages": [0.5],
+        "stage_shots": 2,
+    }
+    config = tiny_config(data={"train_subset": 32}, benchmark=benchmark)
+    run_dir = tmp_path / "run"
+    before = pretrain_and_evaluate(config, "simclr", run_dir, progress=False)
+    assert before is not None
+    more_draws = tiny_config(
+        data={"train_subset": 32}, benchmark={**benchmark, "fewshot_seeds": 4}
+    )
+    after = reevaluate(more_draws, "simclr", run_dir, progress=False)
+
+    # the trained weights, not the initial ones: the first draws and kNN repeat
+    assert after["knn"] == before["knn"]
+    for old, new in zip(before["fewshot"], after["fewshot"], strict=True):
+        assert len(new["accuracies"]) == 4
+        assert new["accuracies"][:2] == old["accuracies"]
+    assert after["pretrain"] == before["pretrain"]
+    assert after["knn_curve"][:-1] == before["knn_curve"][:-1]
+    two_shot = [e["mean"] for e in after["fewshot"] if e["setting"] == "2"]
+    assert after["knn_curve"][-1]["fewshot_top1"] == two_shot[0]
+    written = json.loads(results.record_path(run_dir, "simclr").read_text())
+    assert written == json.loads(json.dumps(after))
+
+    longer = tiny_config(
+        trainer={"max_epochs": 2}, data={"train_subset": 32}, benchmark=benchmark
+    )
+    with pytest.raises(ValueError, match=r"other values of trainer\.max_epochs"):
+        reevaluate(longer, "simclr", run_dir, progress=False)
+    with pytest.raises(FileNotFoundError, match="msn.json does not exist"):
+        reevaluate(config, "msn", run_dir, progress=False)
 
 
 def staged_record(method: str, top1: list[float]) -> dict[str, Any]:
