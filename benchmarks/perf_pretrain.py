@@ -86,7 +86,7 @@ class Setting:
     batch_size: int
     num_workers: int
     vit: str
-    vit_kwargs: dict[str, int]
+    vit_kwargs: dict[str, Any]
     train_subset: int | None = None
     # label -> extra MSNDataModule arguments; LOADER is the baseline of the ratios
     paths: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(PATHS))
@@ -141,7 +141,7 @@ def msn_module(setting: Setting) -> MSNLightningModule:
 
 
 def datamodule(setting: Setting, folder: Path, **extra: Any) -> MSNDataModule:
-    source = (
+    source: dict[str, Any] = (
         dict(dataset="cifar10", data_dir=str(folder))
         if setting.data == "cifar10"
         else dict(dataset=str(folder))

@@ -60,7 +60,7 @@ CPU = torch.device("cpu")
 IMG_SIZE = 32
 FOCAL_SIZE = 16
 NUM_FOCAL = 4
-VIT = dict(patch_size=4, embed_dim=192, depth=6, num_heads=3)
+VIT: dict[str, Any] = dict(patch_size=4, embed_dim=192, depth=6, num_heads=3)
 STEPS_PER_ROUND = 3  # the first step of each fit is a warm-up and is not timed
 
 
@@ -242,7 +242,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     gradient stays with MKL, which is fast for that product's layout here."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, inputs: Tensor, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
         rows = inputs.reshape(-1, inputs.shape[-1]).contiguous()
@@ -252,9 +252,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return out.reshape(*inputs.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_input = torch.ops.mkldnn._linear_pointwise(
@@ -267,7 +265,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 class OneDNNLinear(nn.Linear):
     def forward(self, inputs: Tensor) -> Tensor:
         if inputs.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-            return _OneDNNLinearFunction.apply(inputs, self.weight, self.bias)  # type: ignore[no-any-return]
+            return _OneDNNLinearFunction.apply(inputs, self.weight, self.bias)
         return F.linear(inputs, self.weight, self.bias)
 
 

@@ -32,8 +32,9 @@ import io
 import statistics
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,11 +68,11 @@ def load_images(count: int, size: tuple[int, int]) -> list[Image.Image]:
         for _ in range(count):
             coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             images.append(Image.fromarray(coarse))
-    return [image.resize(size, Image.BICUBIC) for image in images]
+    return [image.resize(size, Image.Resampling.BICUBIC) for image in images]
 
 
 def seconds_per_image(
-    transform: Callable[[Image.Image], list[torch.Tensor]], images: list[Image.Image]
+    transform: Callable[[Image.Image], Sequence[Any]], images: list[Image.Image]
 ) -> float:
     start = time.perf_counter()
     for image in images:

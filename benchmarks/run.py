@@ -186,7 +186,7 @@ def evaluation_sets(config: BenchmarkConfig) -> dict[str, Dataset]:
             dataset, "test", data_dir=data_dir, img_size=config.img_size
         )
         scored_labels = dataset_labels(scored)
-        scored_pool = np.arange(len(scored))
+        scored_pool = np.arange(len(scored_labels))
     pool_labels = scored_labels[scored_pool]
     to_tensor = evaluation_transform(config)
 
@@ -577,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_global_zero() -> bool:
     """Whether this process is rank 0 (Lightning reads RANK, SLURM_PROCID, ...)."""
-    return rank_zero_only.rank == 0
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
 
 
 if __name__ == "__main__":
