@@ -398,8 +398,10 @@ def reevaluate(
 
     For more few-shot draws (``benchmark.fewshot_seeds``), other shot settings or
     kNN ``k`` on weights already trained: the record keeps its pretraining entries
-    and its curve, whose last point takes the new few-shot mean. Every other profile
-    value must be the one the method trained under.
+    and its accuracy-against-compute curve, whose points stay on the draws they
+    were measured with (``eval.curve_fewshot_seeds``; the weights of the earlier
+    stages are not kept). Every other profile value must be the one the method
+    trained under.
     """
     path = results.record_path(run_dir, method_name)
     last = run_dir / method_name / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -426,18 +428,16 @@ def reevaluate(
     evaluation = evaluate_method(
         method, evaluation_sets(config), config, progress=progress
     )
+    curve_seeds = record["eval"].get(
+        "curve_fewshot_seeds", record["config"]["benchmark"]["fewshot_seeds"]
+    )
     record.update(evaluation_record(evaluation))
     record["config"] = config.to_dict()
-    record["eval"]["wall_time_s"] = time.perf_counter() - start
-    record["eval"]["reevaluated_from"] = (
-        f"{method_name}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"
+    record["eval"].update(
+        wall_time_s=time.perf_counter() - start,
+        reevaluated_from=f"{method_name}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}",
+        curve_fewshot_seeds=curve_seeds,
     )
-    curve = record.get("knn_curve") or []
-    if config.stages is not None and curve:
-        curve[-1]["top1"] = evaluation.knn[STAGE_K]["top1"]
-        for result in evaluation.fewshot:
-            if result.name == str(config.stage_shots):
-                curve[-1]["fewshot_top1"] = result.mean
     results.write_record(run_dir, record)
     return record
 
