@@ -340,8 +340,13 @@ def _check_image_files(
     kept: list[tuple[str, int]] = []
     sizes: list[tuple[int, int]] = []
     bad: list[str] = []
+    # disable=None: a bar on a terminal, none in a redirected log
     for path, target in tqdm(
-        dataset.samples, desc="checking images", unit="img", leave=False
+        dataset.samples,
+        desc="checking images",
+        unit="img",
+        leave=False,
+        disable=None,
     ):
         try:
             with Image.open(path) as image:
