@@ -29,6 +29,7 @@ from lightly_msn.files import atomic_path, atomic_write_text
 RECORD_SUFFIX = ".json"
 STAGE_K = 20  # the k of the kNN accuracy measured during training
 NOT_RECORDS = frozenset({"summary.json"})
+PAIRED_REFERENCE = "msn"  # the method the paired few-shot table compares against
 
 
 def record_path(run_dir: Path, method: str) -> Path:
@@ -133,6 +134,19 @@ def _best(values: Sequence[float | None]) -> float | None:
     return max(present) if present else None
 
 
+def _setting_label(setting: str) -> str:
+    """A few-shot column's name: ``"5 per class"`` or ``"1% labelled"``."""
+    return f"{setting} {'labelled' if setting.endswith('%') else 'per class'}"
+
+
+def _table_head(header: Sequence[str]) -> list[str]:
+    """A Markdown table's header and alignment lines (numbers right-aligned)."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+
+
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     """One Markdown table: accuracies (best in bold), retrieval, time, memory.
 
@@ -148,7 +162,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         ["method"]
         + ([f"kNN k={STAGE_K} at init", "gain"] if with_init else [])
         + [f"kNN k={k}" for k in ks]
-        + [f"{s} {'labelled' if s.endswith('%') else 'per class'}" for s in settings]
+        + [_setting_label(s) for s in settings]
         + ["MAP@R", "pretrain (min)", "img/s", f"peak {memory} (MB)"]
     )
     accuracy_columns = [f"knn_top1_k{k}" for k in ks] + [
@@ -163,10 +177,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         value = row[column]
         return f"**{text}**" if value is not None and value == best[column] else text
 
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
+    lines = _table_head(header)
     for row in rows:
         cells = [row["method"]]
         if with_init:
@@ -223,10 +234,7 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
         + [f"{shots_label} at {p} %" for p in percents]
         + ["training min at " + " / ".join(f"{p}" for p in percents if p) + " %"]
     )
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
+    lines = _table_head(header)
     for record, by_percent in zip(staged, points_by_percent, strict=True):
         points = [by_percent.get(p, {}) for p in percents]
         minutes = [
@@ -261,7 +269,7 @@ def _paired_cell(reference: Sequence[float], other: Sequence[float]) -> str:
 
 
 def paired_table(
-    records: Sequence[dict[str, Any]], reference: str = "msn"
+    records: Sequence[dict[str, Any]], reference: str = PAIRED_REFERENCE
 ) -> str | None:
     """Few-shot top-1 of ``reference`` minus each other method, draw by draw.
 
@@ -272,35 +280,24 @@ def paired_table(
     first 3 of 10 are the 3 of a 3-draw evaluation), then the draws ``reference``
     wins. ``None`` without ``reference`` or another method.
     """
-    by_method = {record["method"]: record for record in records}
-    if reference not in by_method or len(by_method) < 2:
+    draws = {
+        record["method"]: {
+            e["setting"]: e["accuracies"] for e in record.get("fewshot", [])
+        }
+        for record in records
+    }
+    if reference not in draws or len(draws) < 2:
         return None
     settings = fewshot_settings(records)
-
-    def accuracies(record: dict[str, Any], setting: str) -> list[float]:
-        for entry in record.get("fewshot", []):
-            if entry["setting"] == setting:
-                return list(entry["accuracies"])
-        return []
-
-    header = ["method"] + [
-        f"{s} {'labelled' if s.endswith('%') else 'per class'}" for s in settings
-    ]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * len(settings)) + "|",
-    ]
-    for record in records:
-        if record["method"] == reference:
+    lines = _table_head(["method"] + [_setting_label(s) for s in settings])
+    for method, accuracies in draws.items():
+        if method == reference:
             continue
         cells = [
-            _paired_cell(
-                accuracies(by_method[reference], setting),
-                accuracies(record, setting),
-            )
-            for setting in settings
+            _paired_cell(draws[reference].get(s, []), accuracies.get(s, []))
+            for s in settings
         ]
-        lines.append("| " + " | ".join([record["method"], *cells]) + " |")
+        lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -434,8 +431,9 @@ def summarize(run_dir: Path) -> str:
     paired = paired_table(records)
     if paired is not None:
         table += (
-            "\nFew-shot top-1 of `msn` minus each method on the same draws (mean ± "
-            "standard error, draws `msn` wins):\n\n" + paired
+            f"\nFew-shot top-1 of `{PAIRED_REFERENCE}` minus each method on the same "
+            f"draws (mean ± standard error, draws `{PAIRED_REFERENCE}` wins):\n\n"
+            + paired
         )
     atomic_write_text(run_dir / "results.md", table)
     write_csv(records, run_dir / "results.csv")

@@ -420,7 +420,7 @@ def reevaluate(
             f"{{{','.join(REEVALUATION_KEYS)}}} may change."
         )
     method = load_method(method_name).from_config(config)
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     method.load_state_dict(checkpoint["state_dict"])
     method.eval()
 
