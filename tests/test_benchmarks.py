@@ -488,21 +488,25 @@ def test_perf_train_step_onednn_linear_matches_torch_linear() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+TINY_STAGED_BENCHMARK: dict[str, Any] = {
+    "bank_subset": 60,
+    "test_subset": 30,
+    "knn_ks": [5, 20],
+    "fewshot": ["1", "2"],
+    "fewshot_seeds": 2,
+    "stages": [0.25, 0.5],
+    "stage_shots": 2,
+}
+"""A staged evaluation small enough for a test: 2-shot at each stage, 2 draws."""
+
+
 def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -> None:
     from benchmarks.run import pretrain_and_evaluate
 
     config = tiny_config(
         trainer={"max_epochs": 2},
         data={"train_subset": 32},
-        benchmark={
-            "bank_subset": 60,
-            "test_subset": 30,
-            "knn_ks": [5, 20],
-            "fewshot": ["1", "2"],
-            "fewshot_seeds": 2,
-            "stages": [0.25, 0.5],
-            "stage_shots": 2,
-        },
+        benchmark=TINY_STAGED_BENCHMARK,
     )
     record = pretrain_and_evaluate(config, "simclr", tmp_path / "run", progress=False)
     assert record is not None and record["knn_curve_sets"] == "bank"
@@ -530,15 +534,7 @@ def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -
 def test_reevaluation_reproduces_the_run_and_adds_draws(tmp_path: Path) -> None:
     from benchmarks.run import pretrain_and_evaluate, reevaluate
 
-    benchmark = {
-        "bank_subset": 60,
-        "test_subset": 30,
-        "knn_ks": [5, 20],
-        "fewshot": ["1", "2"],
-        "fewshot_seeds": 2,
-        "stages": [0.5],
-        "stage_shots": 2,
-    }
+    benchmark = {**TINY_STAGED_BENCHMARK, "stages": [0.5]}
     config = tiny_config(data={"train_subset": 32}, benchmark=benchmark)
     run_dir = tmp_path / "run"
     before = pretrain_and_evaluate(config, "simclr", run_dir, progress=False)
