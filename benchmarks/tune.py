@@ -20,6 +20,10 @@ run can be stopped and continued::
 
     nohup python -m benchmarks.tune --plan cpu-standard --no-progress \\
         > benchmarks/results/cpu-standard/tuning.log 2>&1 &
+
+``--reevaluate`` scores the logged trials again from their last checkpoints when
+the plan's evaluation settings change (more few-shot draws, say), so that every
+trial is compared under the same ones; a trial already scored under them is left.
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ def score(record: dict[str, Any], metric: str) -> float:
 
 def trial_log(tuning_dir: Path, method: str, index: int) -> Path:
     return tuning_dir / f"{method}-{index}.json"
+
+
+def trial_run_dir(tuning_dir: Path, method: str, index: int) -> Path:
+    """Where a trial trains: its checkpoints and its benchmark record."""
+    return tuning_dir / "runs" / f"{method}-{index}"
 
 
 def write_trial_log(
@@ -188,7 +197,7 @@ def run_trial(
 
     config = trial_config(plan, method, index)
     tuning_dir = run_dir / TUNING_DIR
-    trial_dir = tuning_dir / "runs" / f"{method}-{index}"
+    trial_dir = trial_run_dir(tuning_dir, method, index)
     record = pretrain_and_evaluate(config, method, trial_dir, progress=progress)
     if record is None:  # not the global-zero rank
         return trial_log(tuning_dir, method, index)
@@ -200,6 +209,40 @@ def run_trial(
         record,
         plan["metric"],
     )
+
+
+def reevaluate_trials(
+    plan: dict[str, Any], run_dir: Path, methods: Sequence[str], progress: bool
+) -> list[Path]:
+    """Scores the logged trials of ``methods`` again under the plan's evaluation.
+
+    Each trial's last checkpoint is evaluated with the plan's current
+    ``benchmark.{fewshot_seeds, fewshot, knn_ks}`` (``benchmarks.run.reevaluate``,
+    which refuses any other change), and its log is rewritten. Trials already
+    scored under these settings, and trials not yet run, are left as they are.
+    Returns the rewritten logs.
+    """
+    from benchmarks.run import reevaluate
+
+    tuning_dir = run_dir / TUNING_DIR
+    rewritten = []
+    for method in methods:
+        for index, overrides in enumerate(plan["trials"][method]):
+            path = trial_log(tuning_dir, method, index)
+            if not path.is_file():
+                continue
+            config = trial_config(plan, method, index)
+            scored_under = json.loads(path.read_text())["record"]["config"]
+            if scored_under == json.loads(json.dumps(config.to_dict())):
+                continue
+            trial_dir = trial_run_dir(tuning_dir, method, index)
+            record = reevaluate(config, method, trial_dir, progress)
+            overrides = dict(overrides or {})
+            log = write_trial_log(
+                tuning_dir, method, index, overrides, record, plan["metric"]
+            )
+            rewritten.append(log)
+    return rewritten
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument(
         "--trial", default=None, help="run one trial METHOD:INDEX in this process"
+    )
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="score the logged trials again from their checkpoints under the plan's "
+        "evaluation settings, instead of running trials",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (for log files)"
@@ -242,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in methods:  # fail early on a bad trial
         for index in range(len(plan["trials"][method])):
             trial_config(plan, method, index)
+    if args.reevaluate:
+        for path in reevaluate_trials(plan, run_dir, methods, progress):
+            print(f"[tune] {path.stem}: scored again", flush=True)
+        print(summarize_tuning(run_dir / TUNING_DIR), flush=True)
+        return 0
     failed = []
     count = len(plan["trials"][methods[0]])
     for index in range(count):  # round-robin: every method gets trial i, then i + 1

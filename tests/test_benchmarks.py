@@ -633,6 +633,55 @@ def test_tuning_logs_every_trial_and_picks_the_best_per_method(
     assert log["score"] == 30.0 and log["overrides"] == {"lr_per_256": 0.1}
 
 
+def test_tuning_rescores_logged_trials_under_new_evaluation_settings(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import tune
+
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(TINY_PROFILE))
+    plan = {
+        "profile": str(profile),
+        "shorten": {
+            "data": {"train_subset": 32, "validation_size": 50},
+            "benchmark": {
+                "bank_subset": 60,
+                "test_subset": None,
+                "monitor_bank": 0,
+                "knn_ks": [5, 20],
+                "fewshot": ["1", "2"],
+                "fewshot_seeds": 2,
+            },
+        },
+        "metric": "fewshot",
+        "trials": {"simclr": [{"lr_per_256": 1e-3}, {"lr_per_256": 2e-3}]},
+    }
+    run_dir = tmp_path / "run"
+    tune.run_trial(plan, "simclr", 0, run_dir, progress=False)  # trial 1 not run
+    tuning_dir = run_dir / tune.TUNING_DIR
+    before = json.loads((tuning_dir / "simclr-0.json").read_text())
+    assert tune.reevaluate_trials(plan, run_dir, ["simclr"], progress=False) == []
+
+    plan["shorten"]["benchmark"]["fewshot_seeds"] = 3
+    rewritten = tune.reevaluate_trials(plan, run_dir, ["simclr"], progress=False)
+    assert rewritten == [tuning_dir / "simclr-0.json"]
+    after = json.loads(rewritten[0].read_text())
+    assert after["overrides"] == {"lr_per_256": 1e-3}
+    assert after["record"]["knn"] == before["record"]["knn"]
+    for old, new in zip(
+        before["record"]["fewshot"], after["record"]["fewshot"], strict=True
+    ):
+        assert new["accuracies"][:2] == old["accuracies"]  # nested draws
+    assert after["score"] == pytest.approx(
+        np.mean([entry["mean"] for entry in after["record"]["fewshot"]])
+    )
+    assert tune.reevaluate_trials(plan, run_dir, ["simclr"], progress=False) == []
+    plan["trials"]["simclr"][0] = {"lr_per_256": 5e-3}
+    plan["shorten"]["benchmark"]["fewshot_seeds"] = 4
+    with pytest.raises(ValueError, match=r"other values of methods\.simclr"):
+        tune.reevaluate_trials(plan, run_dir, ["simclr"], progress=False)
+
+
 def test_tuning_plans_give_every_method_the_same_trials(tmp_path: Path) -> None:
     from benchmarks import tune
 
