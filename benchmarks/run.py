@@ -373,8 +373,14 @@ REEVALUATION_KEYS = ("knn_ks", "fewshot", "fewshot_seeds")
 """The ``benchmark`` values a re-evaluation may change: they do not touch training."""
 
 
-def _profile_differences(trained: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The profile values (``section.key``) that differ, evaluation-only ones aside."""
+def _profile_differences(
+    trained: dict[str, Any], current: dict[str, Any], method_name: str
+) -> list[str]:
+    """The profile values (``section.key``) that differ for ``method_name``.
+
+    Evaluation-only values aside, and the other methods' recipes, which do not
+    touch this method's weights.
+    """
     trained, current = json.loads(json.dumps(trained)), json.loads(json.dumps(current))
     differences = []
     for section in sorted(set(trained) | set(current)):
@@ -385,6 +391,8 @@ def _profile_differences(trained: dict[str, Any], current: dict[str, Any]) -> li
             continue
         for key in sorted(set(before) | set(after)):
             if section == "benchmark" and key in REEVALUATION_KEYS:
+                continue
+            if section == "methods" and key != method_name:
                 continue
             if before.get(key) != after.get(key):
                 differences.append(f"{section}.{key}")
@@ -401,7 +409,7 @@ def reevaluate(
     and its accuracy-against-compute curve, whose points stay on the draws they
     were measured with (``eval.curve_fewshot_seeds``; the weights of the earlier
     stages are not kept). Every other profile value must be the one the method
-    trained under.
+    trained under (the other methods' recipes aside).
     """
     path = results.record_path(run_dir, method_name)
     last = run_dir / method_name / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -412,7 +420,7 @@ def reevaluate(
                 "re-evaluated after its run has finished."
             )
     record = json.loads(path.read_text())
-    differences = _profile_differences(record["config"], config.to_dict())
+    differences = _profile_differences(record["config"], config.to_dict(), method_name)
     if differences:
         raise ValueError(
             f"reevaluate {method_name}: {path} was trained under other values of "

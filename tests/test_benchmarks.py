@@ -561,6 +561,21 @@ def test_reevaluation_reproduces_the_run_and_adds_draws(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"other values of trainer\.max_epochs"):
         reevaluate(longer, "simclr", run_dir, progress=False)
+    # another method's recipe does not touch simclr's weights; its own does
+    other_recipe = tiny_config(
+        data={"train_subset": 32},
+        benchmark=benchmark,
+        methods={"dino": {"momentum": 0.9}},
+    )
+    rescored = reevaluate(other_recipe, "simclr", run_dir, progress=False)
+    assert rescored["knn"] == before["knn"]
+    own_recipe = tiny_config(
+        data={"train_subset": 32},
+        benchmark=benchmark,
+        methods={"simclr": {"temperature": 0.3}},
+    )
+    with pytest.raises(ValueError, match=r"other values of methods\.simclr;"):
+        reevaluate(own_recipe, "simclr", run_dir, progress=False)
     with pytest.raises(FileNotFoundError, match="msn.json does not exist"):
         reevaluate(config, "msn", run_dir, progress=False)
 
