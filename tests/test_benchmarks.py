@@ -746,6 +746,12 @@ def test_the_cpu_standard_profile_and_its_tuning_plan_load() -> None:
     gpu = BenchmarkConfig.from_profile(load_profile("cifar10-gpu"))
     assert gpu.trainer["max_epochs"] >= 100 and gpu.augment == "device"
     assert gpu.stages == config.stages and gpu.vit == {**config.vit, "depth": 12}
+    # the GPU profile runs the CPU tuning's winners, momentum set for its long schedule
+    cpu_recipes = load_profile("cpu-standard")["methods"]
+    gpu_recipes = load_profile("cifar10-gpu")["methods"]
+    for name in ("msn", "dino", "simclr"):
+        unscheduled = {**gpu_recipes[name], "momentum": None}
+        assert unscheduled == {**cpu_recipes[name], "momentum": None}
     plan = tune.load_plan("cpu-standard")
     assert set(plan["trials"]) == {"msn", "dino", "simclr"}
     for method, trials in plan["trials"].items():
@@ -761,7 +767,7 @@ def test_a_trial_starts_from_the_plans_base_not_the_profiles_winners() -> None:
 
     plan = tune.load_plan("cpu-standard")
     profile_recipe = load_profile("cpu-standard")["methods"]["msn"]
-    assert profile_recipe["num_prototypes"] == 256  # the winners
+    assert profile_recipe["num_prototypes"] == 64  # the winners
     first = tune.trial_config(plan, "msn", 0).recipe("msn", load_method("msn").defaults)
     assert first["num_prototypes"] == 1024 and first["momentum"] == 0.99
     assert first["lr_per_256"] == 2e-3
