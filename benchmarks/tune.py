@@ -237,9 +237,8 @@ def reevaluate_trials(
                 continue
             trial_dir = trial_run_dir(tuning_dir, method, index)
             record = reevaluate(config, method, trial_dir, progress)
-            overrides = dict(overrides or {})
             log = write_trial_log(
-                tuning_dir, method, index, overrides, record, plan["metric"]
+                tuning_dir, method, index, dict(overrides or {}), record, plan["metric"]
             )
             rewritten.append(log)
     return rewritten
