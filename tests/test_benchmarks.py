@@ -107,6 +107,27 @@ def test_msn_prototypes_learn_but_lightly_example_prototypes_do_not(
     assert prototypes == {"msn": True, "msn_lightly": False}
 
 
+@pytest.mark.parametrize(("fraction", "trained"), [(0.5, True), (1.0, False)])
+def test_dino_freezes_its_last_layer_for_a_fraction_of_the_budget(
+    fraction: float, trained: bool, digits: Any
+) -> None:
+    """Frozen for the first ``fraction`` of the steps, even in a one-epoch run."""
+    torch.manual_seed(0)
+    config = tiny_config(methods={"dino": {"freeze_last_layer_fraction": fraction}})
+    method = load_method("dino").from_config(config)
+    last_layer = [
+        p.detach().clone() for p in method.student_head.last_layer.parameters()
+    ]
+    dataset = TransformedSubset(
+        digits, range(8), load_method("dino").make_transform(config)
+    )
+    trainer = quiet_cpu_trainer(max_steps=4)  # one epoch of four steps
+    trainer.fit(method, DataLoader(dataset, batch_size=2, drop_last=True))
+    after = list(method.student_head.last_layer.parameters())
+    changed = any(not torch.equal(a, b) for a, b in zip(after, last_layer, strict=True))
+    assert changed == trained
+
+
 def test_every_method_starts_from_lightlys_vit_initialisation() -> None:
     """Fixed 2-D sin-cos position embedding for all, ours included."""
     config = tiny_config()
