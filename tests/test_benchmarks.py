@@ -783,6 +783,30 @@ def test_the_cpu_standard_profile_and_its_tuning_plan_load() -> None:
             assert recipe["lr_per_256"] == trials[index]["lr_per_256"]
 
 
+@pytest.mark.parametrize(
+    ("plan_name", "seed"), [("prototypes-per-class", 0), ("cpu-standard-seed1", 1)]
+)
+def test_the_check_plans_keep_the_tuning_budget_and_differ_where_they_say(
+    plan_name: str, seed: int
+) -> None:
+    from benchmarks import tune
+
+    tuning = tune.load_plan("cpu-standard")
+    plan = tune.load_plan(plan_name)
+    reference = tune.trial_config(tuning, "msn", 0)
+    for method, trials in plan["trials"].items():
+        for index in range(len(trials)):
+            trial = tune.trial_config(plan, method, index)
+            assert trial.seed == seed
+            assert trial.data == reference.data
+            assert trial.trainer == reference.trainer
+            assert trial.fewshot_seeds == reference.fewshot_seeds == 10
+            assert trial.methods[method] == {
+                **plan["base"][method],
+                **trials[index],
+            }
+
+
 def test_a_trial_starts_from_the_plans_base_not_the_profiles_winners() -> None:
     from benchmarks import tune
 
