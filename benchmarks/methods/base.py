@@ -347,11 +347,16 @@ class BenchmarkMethod(LightningModule):
         scale = self.config.global_batch_size / 256
         return float(self.recipe["lr_per_256"]) * scale
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (at least 1), for the per-step schedules."""
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
     def momentum(self, start: float = 0.996) -> float:
         """Teacher EMA momentum, cosine from ``start`` to 1 over training."""
         return cosine_schedule(
             step=self.trainer.global_step,
-            max_steps=max(1, int(self.trainer.estimated_stepping_batches)),
+            max_steps=self.total_steps,
             start_value=start,
             end_value=1.0,
         )
@@ -364,7 +369,7 @@ class BenchmarkMethod(LightningModule):
             lr=self.lr,
             betas=tuple(self.recipe.get("betas", (0.9, 0.999))),
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = self.total_steps
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         scheduler = CosineWarmupScheduler(
             optimizer=optimizer,

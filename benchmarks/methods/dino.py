@@ -122,16 +122,15 @@ class DINO(BenchmarkMethod):
         return loss
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        frozen_steps = total_steps * float(self.recipe["freeze_last_layer_fraction"])
-        if self.trainer.global_step < frozen_steps:
+        frozen_fraction = float(self.recipe["freeze_last_layer_fraction"])
+        if self.trainer.global_step < self.total_steps * frozen_fraction:
             for param in self.student_head.last_layer.parameters():
                 param.grad = None
         apply_schedule(
             optimizer,
             weight_decay=cosine_schedule(
                 step=self.trainer.global_step,
-                max_steps=total_steps,
+                max_steps=self.total_steps,
                 start_value=float(self.recipe["weight_decay"]),
                 end_value=float(self.recipe["final_weight_decay"]),
             ),
