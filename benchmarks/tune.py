@@ -6,9 +6,12 @@ images (``data.validation_size``: the test set is never used), the selection
 metric, an optional ``base`` recipe per method (the starting point of its trials;
 the profile's own ``methods:`` entry, which may hold the winners, is not used), and
 the trials of every method: recipe overrides, one dict per trial, the same number
-for every method. Each trial pretrains and evaluates through the
-benchmark harness (``benchmarks.run.pretrain_and_evaluate``) and is logged in
-``benchmarks/results/<run>/tuning/``:
+for every method. A plan may ``extends:`` another plan: it takes that plan's
+profile, metric and shortened budget, its own ``shorten`` merged over the budget,
+but never its ``base`` or its trials, so that a check of a tuning's decisions runs
+at the tuning's budget without copying it. Each trial pretrains and evaluates
+through the benchmark harness (``benchmarks.run.pretrain_and_evaluate``) and is
+logged in ``benchmarks/results/<run>/tuning/``:
 
 - ``<method>-<trial>.json``: the trial's overrides, its score and its full record;
 - ``trials.md`` / ``trials.csv``: every trial, method by method, best marked;
@@ -50,14 +53,44 @@ TUNING_DIR = "tuning"
 METRICS = ("fewshot", "knn")
 
 
-def load_plan(plan: str) -> dict[str, Any]:
-    """The tuning plan ``benchmarks/configs/tuning-<plan>.yaml`` or a YAML file."""
+INHERITED = ("profile", "metric", "shorten")  # what ``extends:`` takes from a plan
+
+
+def plan_path(plan: str) -> Path:
+    """``benchmarks/configs/tuning-<plan>.yaml``, or ``plan`` itself if a file name."""
     path = Path(plan)
     if not path.suffix:
         path = PROFILES_DIR / f"tuning-{plan}.yaml"
     if not path.is_file():
         raise ValueError(f"no tuning plan {plan!r} ({path} does not exist)")
+    return path
+
+
+def read_plan(plan: str, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A plan's own sections, with what it ``extends:`` filled in."""
+    path = plan_path(plan).resolve()
+    if path in extended_by:
+        chain = " -> ".join(p.name for p in (*extended_by, path))
+        raise ValueError(f"tuning plans extend each other in a cycle: {chain}")
     values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"tuning plan {path} is not a mapping of sections")
+    parent_name = values.pop("extends", None)
+    if parent_name is None:
+        return values
+    parent = Path(str(parent_name))
+    if parent.suffix and not parent.is_absolute():  # a file beside this plan
+        parent = path.parent / parent
+    parent_values = read_plan(str(parent), (*extended_by, path))
+    inherited = {key: parent_values[key] for key in INHERITED if key in parent_values}
+    shorten = merge_profile(inherited.get("shorten") or {}, values.get("shorten") or {})
+    return {**inherited, **values, "shorten": shorten}
+
+
+def load_plan(plan: str) -> dict[str, Any]:
+    """The tuning plan ``benchmarks/configs/tuning-<plan>.yaml`` or a YAML file."""
+    path = plan_path(plan)
+    values = read_plan(plan)
     missing = sorted({"profile", "shorten", "metric", "trials"} - set(values))
     if missing:
         raise ValueError(f"tuning plan {path} lacks {missing}")

@@ -738,6 +738,45 @@ def test_tuning_plans_give_every_method_the_same_trials(tmp_path: Path) -> None:
         tune.load_plan(str(path))
 
 
+def test_a_plan_extends_another_plans_budget_but_not_its_trials(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import tune
+
+    parent = {
+        "profile": "cpu-quick",
+        "metric": "knn",
+        "shorten": {"trainer": {"max_epochs": 3}, "data": {"validation_size": 100}},
+        "base": {"msn": {"lr_per_256": 1e-3}},
+        "trials": {"msn": [{}, {}, {}], "dino": [{}, {}, {}]},
+    }
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    child = {
+        "extends": "parent.yaml",
+        "shorten": {"seed_everything": 1, "trainer": {"limit_train_batches": 2}},
+        "trials": {"msn": [{"num_prototypes": 8}]},
+    }
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child))
+    plan = tune.load_plan(str(tmp_path / "child.yaml"))
+    assert plan["profile"] == "cpu-quick" and plan["metric"] == "knn"
+    assert plan["shorten"] == {
+        "seed_everything": 1,
+        "trainer": {"max_epochs": 3, "limit_train_batches": 2},
+        "data": {"validation_size": 100},
+    }
+    assert plan["trials"] == {"msn": [{"num_prototypes": 8}]} and "base" not in plan
+    trial = tune.trial_config(plan, "msn", 0)
+    assert trial.seed == 1 and trial.trainer["max_epochs"] == 3
+    parent["extends"] = "child.yaml"
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    with pytest.raises(ValueError, match="cycle: child.yaml -> parent.yaml"):
+        tune.load_plan(str(tmp_path / "child.yaml"))
+    child["extends"] = "no-such-plan"
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child))
+    with pytest.raises(ValueError, match="no tuning plan 'no-such-plan'"):
+        tune.load_plan(str(tmp_path / "child.yaml"))
+
+
 def test_tuning_scores_on_held_out_training_images_never_the_test_set() -> None:
     from benchmarks.run import evaluation_sets
     from lightly_msn.data import validation_indices
