@@ -66,9 +66,9 @@ def plan_path(plan: str) -> Path:
     return path
 
 
-def read_plan(plan: str, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A plan's own sections, with what it ``extends:`` filled in."""
-    path = plan_path(plan).resolve()
+def read_plan(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sections of the plan file ``path``, with what it ``extends:`` filled in."""
+    path = path.resolve()
     if path in extended_by:
         chain = " -> ".join(p.name for p in (*extended_by, path))
         raise ValueError(f"tuning plans extend each other in a cycle: {chain}")
@@ -81,7 +81,7 @@ def read_plan(plan: str, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = Path(str(parent_name))
     if parent.suffix and not parent.is_absolute():  # a file beside this plan
         parent = path.parent / parent
-    parent_values = read_plan(str(parent), (*extended_by, path))
+    parent_values = read_plan(plan_path(str(parent)), (*extended_by, path))
     inherited = {key: parent_values[key] for key in INHERITED if key in parent_values}
     shorten = merge_profile(inherited.get("shorten") or {}, values.get("shorten") or {})
     return {**inherited, **values, "shorten": shorten}
@@ -90,7 +90,7 @@ def read_plan(plan: str, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_plan(plan: str) -> dict[str, Any]:
     """The tuning plan ``benchmarks/configs/tuning-<plan>.yaml`` or a YAML file."""
     path = plan_path(plan)
-    values = read_plan(plan)
+    values = read_plan(path)
     missing = sorted({"profile", "shorten", "metric", "trials"} - set(values))
     if missing:
         raise ValueError(f"tuning plan {path} lacks {missing}")

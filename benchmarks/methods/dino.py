@@ -122,15 +122,16 @@ class DINO(BenchmarkMethod):
         return loss
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        total_steps = self.total_steps
         frozen_fraction = float(self.recipe["freeze_last_layer_fraction"])
-        if self.trainer.global_step < self.total_steps * frozen_fraction:
+        if self.trainer.global_step < total_steps * frozen_fraction:
             for param in self.student_head.last_layer.parameters():
                 param.grad = None
         apply_schedule(
             optimizer,
             weight_decay=cosine_schedule(
                 step=self.trainer.global_step,
-                max_steps=self.total_steps,
+                max_steps=total_steps,
                 start_value=float(self.recipe["weight_decay"]),
                 end_value=float(self.recipe["final_weight_decay"]),
             ),
