@@ -19,7 +19,8 @@ logged in ``benchmarks/results/<run>/tuning/``:
   full profile.
 
 Trials run one process each and are skipped when their log exists, so a tuning
-run can be stopped and continued::
+run can be stopped and continued, and a plan can grow by new rounds of trials; a log
+whose overrides are no longer the plan's trial is refused, never silently kept::
 
     nohup python -m benchmarks.tune --plan cpu-standard --no-progress \\
         > benchmarks/results/cpu-standard/tuning.log 2>&1 &
@@ -138,6 +139,26 @@ def score(record: dict[str, Any], metric: str) -> float:
 
 def trial_log(tuning_dir: Path, method: str, index: int) -> Path:
     return tuning_dir / f"{method}-{index}.json"
+
+
+def is_logged(tuning_dir: Path, plan: dict[str, Any], method: str, index: int) -> bool:
+    """Whether the trial has a log; raises if it ran other overrides than the plan's.
+
+    A log is kept only while the plan still asks for what it ran, so that editing a
+    plan's trial never leaves the old trial's score in the table under the new name.
+    """
+    path = trial_log(tuning_dir, method, index)
+    if not path.is_file():
+        return False
+    logged = json.loads(path.read_text())["overrides"]
+    planned = json.loads(json.dumps(plan["trials"][method][index] or {}))
+    if logged != planned:
+        raise ValueError(
+            f"{path} ran {logged}, but the plan's {method} trial {index} is {planned}: "
+            "append new trials to the plan instead of editing logged ones, or delete "
+            "the log to run the trial again"
+        )
+    return True
 
 
 def trial_run_dir(tuning_dir: Path, method: str, index: int) -> Path:
@@ -320,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.methods is None
         else [m.strip() for m in args.methods.split(",") if m.strip()]
     )
-    for method in methods:  # fail early on a bad trial
+    logged = set()
+    for method in methods:  # fail early on a bad trial or a stale log
         for index in range(len(plan["trials"][method])):
             trial_config(plan, method, index)
+            if is_logged(run_dir / TUNING_DIR, plan, method, index):
+                logged.add((method, index))
     if args.reevaluate:
         for path in reevaluate_trials(plan, run_dir, methods, progress):
             print(f"[tune] {path.stem}: scored again", flush=True)
@@ -332,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = len(plan["trials"][methods[0]])
     for index in range(count):  # round-robin: every method gets trial i, then i + 1
         for method in methods:
-            if trial_log(run_dir / TUNING_DIR, method, index).is_file():
+            if (method, index) in logged:
                 print(f"[tune] {method}-{index}: logged, skipped", flush=True)
                 continue
             print(

@@ -669,6 +669,40 @@ def test_tuning_logs_every_trial_and_picks_the_best_per_method(
     assert log["score"] == 30.0 and log["overrides"] == {"lr_per_256": 0.1}
 
 
+def test_tuning_skips_logged_trials_but_refuses_a_log_the_plan_no_longer_asks_for(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import tune
+
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(TINY_PROFILE))
+    plan = {
+        "profile": str(profile),
+        "shorten": {"data": {"validation_size": 50}},
+        "metric": "fewshot",
+        "trials": {"simclr": [{"lr_per_256": 1e-3}]},
+    }
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(plan))
+    tuning_dir = tmp_path / "run" / tune.TUNING_DIR
+    tune.write_trial_log(
+        tuning_dir,
+        "simclr",
+        0,
+        {"lr_per_256": 1e-3},
+        fake_record("simclr", 0.0),
+        "fewshot",
+    )
+    argv = ["--plan", str(plan_path), "--results-dir", str(tmp_path), "--name", "run"]
+    assert tune.main(argv) == 0  # nothing left to run: no trial process started
+    assert (tuning_dir / "winners.yaml").is_file()
+
+    plan["trials"]["simclr"][0] = {"lr_per_256": 2e-3}
+    plan_path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(ValueError, match=r"simclr-0\.json ran .* simclr trial 0 is"):
+        tune.main(argv)
+
+
 def test_tuning_rescores_logged_trials_under_new_evaluation_settings(
     tmp_path: Path,
 ) -> None:
