@@ -669,19 +669,28 @@ def test_tuning_logs_every_trial_and_picks_the_best_per_method(
     assert log["score"] == 30.0 and log["overrides"] == {"lr_per_256": 0.1}
 
 
+def tiny_tuning_plan(
+    tmp_path: Path, shorten: dict[str, Any], simclr_trials: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A fewshot-scored plan of ``simclr`` trials on the tiny profile."""
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(TINY_PROFILE))
+    return {
+        "profile": str(profile),
+        "shorten": shorten,
+        "metric": "fewshot",
+        "trials": {"simclr": simclr_trials},
+    }
+
+
 def test_tuning_skips_logged_trials_but_refuses_a_log_the_plan_no_longer_asks_for(
     tmp_path: Path,
 ) -> None:
     from benchmarks import tune
 
-    profile = tmp_path / "tiny.yaml"
-    profile.write_text(yaml.safe_dump(TINY_PROFILE))
-    plan = {
-        "profile": str(profile),
-        "shorten": {"data": {"validation_size": 50}},
-        "metric": "fewshot",
-        "trials": {"simclr": [{"lr_per_256": 1e-3}]},
-    }
+    plan = tiny_tuning_plan(
+        tmp_path, {"data": {"validation_size": 50}}, [{"lr_per_256": 1e-3}]
+    )
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(plan))
     tuning_dir = tmp_path / "run" / tune.TUNING_DIR
@@ -708,11 +717,9 @@ def test_tuning_rescores_logged_trials_under_new_evaluation_settings(
 ) -> None:
     from benchmarks import tune
 
-    profile = tmp_path / "tiny.yaml"
-    profile.write_text(yaml.safe_dump(TINY_PROFILE))
-    plan = {
-        "profile": str(profile),
-        "shorten": {
+    plan = tiny_tuning_plan(
+        tmp_path,
+        {
             "data": {"train_subset": 32, "validation_size": 50},
             "benchmark": {
                 "bank_subset": 60,
@@ -723,9 +730,8 @@ def test_tuning_rescores_logged_trials_under_new_evaluation_settings(
                 "fewshot_seeds": 2,
             },
         },
-        "metric": "fewshot",
-        "trials": {"simclr": [{"lr_per_256": 1e-3}, {"lr_per_256": 2e-3}]},
-    }
+        [{"lr_per_256": 1e-3}, {"lr_per_256": 2e-3}],
+    )
     run_dir = tmp_path / "run"
     tune.run_trial(plan, "simclr", 0, run_dir, progress=False)  # trial 1 not run
     tuning_dir = run_dir / tune.TUNING_DIR
