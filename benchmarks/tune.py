@@ -106,6 +106,11 @@ def load_plan(plan: str) -> dict[str, Any]:
     return values
 
 
+def planned_overrides(plan: dict[str, Any], method: str, index: int) -> dict[str, Any]:
+    """The recipe overrides the plan gives one trial (``{}`` for an empty entry)."""
+    return dict(plan["trials"][method][index] or {})
+
+
 def trial_config(plan: dict[str, Any], method: str, index: int) -> BenchmarkConfig:
     """The benchmark config of one trial: profile, shortened, with its overrides."""
     profile = merge_profile(load_profile(plan["profile"]), plan["shorten"])
@@ -114,7 +119,7 @@ def trial_config(plan: dict[str, Any], method: str, index: int) -> BenchmarkConf
             "a tuning plan must hold out a validation split (shorten.data."
             "validation_size): the test set is never used for tuning"
         )
-    overrides = dict(plan["trials"][method][index] or {})
+    overrides = planned_overrides(plan, method, index)
     methods = dict(profile.get("methods") or {})
     # the profile's own entry for the method may hold a tuning's winners: a trial
     # starts from the plan's base recipe instead, so that a plan always reruns alike
@@ -151,7 +156,7 @@ def is_logged(tuning_dir: Path, plan: dict[str, Any], method: str, index: int) -
     if not path.is_file():
         return False
     logged = json.loads(path.read_text())["overrides"]
-    planned = json.loads(json.dumps(plan["trials"][method][index] or {}))
+    planned = json.loads(json.dumps(planned_overrides(plan, method, index)))
     if logged != planned:
         raise ValueError(
             f"{path} ran {logged}, but the plan's {method} trial {index} is {planned}: "
@@ -259,7 +264,7 @@ def run_trial(
         tuning_dir,
         method,
         index,
-        dict(plan["trials"][method][index] or {}),
+        planned_overrides(plan, method, index),
         record,
         plan["metric"],
     )
