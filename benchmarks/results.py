@@ -384,6 +384,7 @@ def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     staged = [r for r in records if r.get("knn_curve_sets") == "bank"]
     if not staged:
@@ -410,6 +411,8 @@ def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
             axis.set_xlabel(xlabel)
             axis.set_ylabel(ylabel)
             axis.grid(True, alpha=0.3)
+    for axis in axes[:, 1]:
+        axis.xaxis.set_major_formatter(EngFormatter())  # 200k, not 200000
     axes[0][0].legend(fontsize="small")
     figure.tight_layout()
     with atomic_path(path) as temporary:
