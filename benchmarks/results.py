@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.methods import method_sort_key
+from benchmarks.methods import METHOD_ORDER, method_sort_key
 from lightly_msn.files import atomic_path, atomic_write_text
 
 RECORD_SUFFIX = ".json"
@@ -301,6 +301,17 @@ def paired_table(
     return "\n".join(lines) + "\n"
 
 
+def method_color(method: str) -> str | None:
+    """The method's colour in every plot (``None``: the next one of the cycle).
+
+    Fixed by the method's place in the table order, so that a method keeps its
+    colour across runs that benchmark different sets of methods.
+    """
+    if method in METHOD_ORDER:
+        return f"C{METHOD_ORDER.index(method)}"
+    return None
+
+
 def _save_plot(
     path: Path,
     series: Sequence[tuple[str, list[float], list[float], list[float] | None]],
@@ -316,7 +327,15 @@ def _save_plot(
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, x, y, error in series:
-        axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label)
+        axes.errorbar(
+            x,
+            y,
+            yerr=error,
+            marker="o",
+            capsize=3,
+            label=label,
+            color=method_color(label),
+        )
     if log_x:
         axes.set_xscale("log")
         ticks = sorted({value for _, x, _, _ in series for value in x})
@@ -407,6 +426,7 @@ def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
                     [p[key] for p in points],
                     marker="o",
                     label=record["method"],
+                    color=method_color(record["method"]),
                 )
             axis.set_xlabel(xlabel)
             axis.set_ylabel(ylabel)

@@ -280,6 +280,13 @@ def fake_record(method: str, offset: float) -> dict[str, Any]:
     }
 
 
+def test_every_benchmarked_method_has_its_own_fixed_plot_colour() -> None:
+    colours = [results.method_color(method) for method in available_methods()]
+    assert None not in colours
+    assert len(set(colours)) == len(colours)
+    assert results.method_color("not_a_method") is None  # the cycle's next colour
+
+
 def test_results_round_trip_table_csv_and_plots(tmp_path: Path) -> None:
     for method, offset in (("simclr", 2.0), ("msn", 1.0), ("zeta", 0.0)):
         results.write_record(tmp_path, fake_record(method, offset))
