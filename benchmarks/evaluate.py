@@ -84,6 +84,9 @@ class ProgressEvaluation(Callback):
 
     Runs on the global-zero rank. The points and times are part of the callback's
     state, so they are saved in checkpoints and a resumed run continues the curve.
+    Each point also goes to the trainer's loggers, its keys prefixed with
+    ``progress/`` (``progress/top1``, ``progress/images_seen``, ...), so a run
+    stopped before its end still leaves the points it measured in ``metrics.csv``.
     """
 
     def __init__(
@@ -150,6 +153,11 @@ class ProgressEvaluation(Callback):
         if evaluation.fewshot:
             point["fewshot_top1"] = evaluation.fewshot[0].mean
         self.curve = [p for p in self.curve if p["step"] < point["step"]] + [point]
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"progress/{key}": value for key, value in point.items()},
+                step=trainer.global_step,
+            )
         self.seconds += time.perf_counter() - start
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

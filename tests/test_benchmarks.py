@@ -546,6 +546,13 @@ def test_staged_evaluation_measures_at_fractions_of_the_budget(tmp_path: Path) -
     seconds = [p["train_seconds"] for p in curve]
     assert seconds == sorted(seconds) and seconds[0] < seconds[-1]
     assert all(0 <= p["fewshot_top1"] <= 100 for p in curve)
+    # the points measured during training are in metrics.csv too, for runs cut short
+    with (tmp_path / "run" / "simclr" / "metrics.csv").open() as file:
+        logged = [row for row in csv.DictReader(file) if row["progress/top1"]]
+    assert [int(row["step"]) for row in logged] == [0, 2, 4]
+    assert [float(row["progress/top1"]) for row in logged] == [
+        p["top1"] for p in curve[:3]
+    ]
     # the last point is the final evaluation's k=20 kNN and 2-shot accuracy
     assert curve[-1]["top1"] == record["knn"]["20"]["top1"]
     two_shot = [e["mean"] for e in record["fewshot"] if e["setting"] == "2"]
