@@ -514,36 +514,35 @@ def pretrain_methods(
         if args.skip_existing and results.record_path(run_dir, name).is_file():
             print(f"[benchmarks] {name}: result exists, skipped", flush=True)
             continue
-        print(f"[benchmarks] {name}: pretraining ({config.epochs} epochs)", flush=True)
-        start = time.perf_counter()
         if args.in_process or len(methods) == 1:
+            epochs = f"{config.epochs} epoch{'' if config.epochs == 1 else 's'}"
+            print(f"[benchmarks] {name}: pretraining ({epochs})", flush=True)
+            start = time.perf_counter()
             pretrain_and_evaluate(config, name, run_dir, progress=progress)
-        else:
-            command = [
-                sys.executable,
-                "-m",
-                "benchmarks.run",
-                "--profile",
-                args.profile,
-                "--methods",
-                name,
-                "--name",
-                run_dir.name,
-                "--results-dir",
-                str(run_dir.parent),
-                "--set",
-                *args.set,
-            ]
-            if not progress:
-                command.append("--no-progress")
-            if subprocess.run(command, check=False).returncode != 0:
-                failed.append(name)
-                print(f"[benchmarks] {name}: FAILED", flush=True)
-                continue
-        print(
-            f"[benchmarks] {name}: done in {time.perf_counter() - start:.0f} s",
-            flush=True,
-        )
+            elapsed = time.perf_counter() - start
+            print(f"[benchmarks] {name}: done in {elapsed:.0f} s", flush=True)
+            continue
+        # the child process reports its own start and end
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--profile",
+            args.profile,
+            "--methods",
+            name,
+            "--name",
+            run_dir.name,
+            "--results-dir",
+            str(run_dir.parent),
+            "--set",
+            *args.set,
+        ]
+        if not progress:
+            command.append("--no-progress")
+        if subprocess.run(command, check=False).returncode != 0:
+            failed.append(name)
+            print(f"[benchmarks] {name}: FAILED", flush=True)
     return failed
 
 

@@ -401,6 +401,41 @@ def test_end_to_end_run_writes_record_table_and_curve(
     assert (method_dir / "metrics.csv").is_file()
 
 
+def test_a_run_announces_each_method_once_and_names_the_failed_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    from benchmarks import run as run_module
+
+    commands: list[list[str]] = []
+
+    def child(command: list[str], check: bool) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, returncode=int("dino" in command))
+
+    monkeypatch.setattr(run_module.subprocess, "run", child)
+    monkeypatch.setattr(run_module, "pretrain_and_evaluate", lambda *a, **k: None)
+    config = tiny_config(trainer={"max_epochs": 1})
+    parse = run_module.build_parser().parse_args
+    several = parse(["--profile", "cpu-quick", "--methods", "msn,dino"])
+    failed = run_module.pretrain_methods(several, config, ["msn", "dino"], tmp_path)
+    assert failed == ["dino"]
+    assert [command[command.index("--methods") + 1] for command in commands] == [
+        "msn",
+        "dino",
+    ]
+    # each child process announces itself; the parent adds only the failures
+    assert capsys.readouterr().out == "[benchmarks] dino: FAILED\n"
+
+    one = parse(["--profile", "cpu-quick", "--methods", "msn"])
+    assert run_module.pretrain_methods(one, config, ["msn"], tmp_path) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[benchmarks] msn: pretraining (1 epoch)"
+    assert lines[1].startswith("[benchmarks] msn: done in ")
+    assert len(lines) == 2 and len(commands) == 2
+
+
 def test_an_interrupted_method_continues_from_its_last_checkpoint(
     tmp_path: Path,
 ) -> None:
