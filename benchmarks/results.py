@@ -123,7 +123,7 @@ def write_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _number(value: float | None, digits: int = 1) -> str:
+def format_number(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
@@ -134,12 +134,12 @@ def _best(values: Sequence[float | None]) -> float | None:
     return max(present) if present else None
 
 
-def _setting_label(setting: str) -> str:
+def setting_label(setting: str) -> str:
     """A few-shot column's name: ``"5 per class"`` or ``"1% labelled"``."""
     return f"{setting} {'labelled' if setting.endswith('%') else 'per class'}"
 
 
-def _table_head(header: Sequence[str]) -> list[str]:
+def table_head(header: Sequence[str]) -> list[str]:
     """A Markdown table's header and alignment lines (numbers right-aligned)."""
     return [
         "| " + " | ".join(header) + " |",
@@ -162,7 +162,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         ["method"]
         + ([f"kNN k={STAGE_K} at init", "gain"] if with_init else [])
         + [f"kNN k={k}" for k in ks]
-        + [_setting_label(s) for s in settings]
+        + [setting_label(s) for s in settings]
         + ["MAP@R", "pretrain (min)", "img/s", f"peak {memory} (MB)"]
     )
     accuracy_columns = [f"knn_top1_k{k}" for k in ks] + [
@@ -177,27 +177,32 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         value = row[column]
         return f"**{text}**" if value is not None and value == best[column] else text
 
-    lines = _table_head(header)
+    lines = table_head(header)
     for row in rows:
         cells = [row["method"]]
         if with_init:
             gain = row["knn_gain"]
             cells += [
-                _number(row["knn_top1_init"]),
+                format_number(row["knn_top1_init"]),
                 "–" if gain is None else f"{gain:+.1f}",
             ]
         cells += [
-            cell(row, f"knn_top1_k{k}", _number(row[f"knn_top1_k{k}"])) for k in ks
+            cell(row, f"knn_top1_k{k}", format_number(row[f"knn_top1_k{k}"]))
+            for k in ks
         ]
         for setting in settings:
             mean, std = row[f"fewshot_{setting}_mean"], row[f"fewshot_{setting}_std"]
-            text = f"{_number(mean)} ± {_number(std)}" if mean is not None else "–"
+            text = (
+                f"{format_number(mean)} ± {format_number(std)}"
+                if mean is not None
+                else "–"
+            )
             cells.append(cell(row, f"fewshot_{setting}_mean", text))
-        cells.append(cell(row, "map_at_r", _number(row["map_at_r"])))
+        cells.append(cell(row, "map_at_r", format_number(row["map_at_r"])))
         wall = row["pretrain_wall_time_s"]
-        cells.append(_number(None if wall is None else wall / 60))
-        cells.append(_number(row["images_per_s"], 0))
-        cells.append(_number(row["peak_memory_mb"], 0))
+        cells.append(format_number(None if wall is None else wall / 60))
+        cells.append(format_number(row["images_per_s"], 0))
+        cells.append(format_number(row["peak_memory_mb"], 0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -234,11 +239,11 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
         + [f"{shots_label} at {p} %" for p in percents]
         + ["training min at " + " / ".join(f"{p}" for p in percents if p) + " %"]
     )
-    lines = _table_head(header)
+    lines = table_head(header)
     for record, by_percent in zip(staged, points_by_percent, strict=True):
         points = [by_percent.get(p, {}) for p in percents]
         minutes = [
-            _number(point["train_seconds"] / 60) if point else "–"
+            format_number(point["train_seconds"] / 60) if point else "–"
             for percent, point in zip(percents, points, strict=True)
             if percent
         ]
@@ -246,8 +251,8 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
             "| "
             + " | ".join(
                 [record["method"]]
-                + [_number(point.get("top1")) for point in points]
-                + [_number(point.get("fewshot_top1")) for point in points]
+                + [format_number(point.get("top1")) for point in points]
+                + [format_number(point.get("fewshot_top1")) for point in points]
                 + [" / ".join(minutes)]
             )
             + " |"
@@ -255,7 +260,7 @@ def stage_table(records: Sequence[dict[str, Any]]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _paired_cell(reference: Sequence[float], other: Sequence[float]) -> str:
+def paired_cell(reference: Sequence[float], other: Sequence[float]) -> str:
     differences = [a - b for a, b in zip(reference, other, strict=False)]
     n = len(differences)
     if n == 0:
@@ -289,12 +294,12 @@ def paired_table(
     if reference not in draws or len(draws) < 2:
         return None
     settings = fewshot_settings(records)
-    lines = _table_head(["method"] + [_setting_label(s) for s in settings])
+    lines = table_head(["method"] + [setting_label(s) for s in settings])
     for method, accuracies in draws.items():
         if method == reference:
             continue
         cells = [
-            _paired_cell(draws[reference].get(s, []), accuracies.get(s, []))
+            paired_cell(draws[reference].get(s, []), accuracies.get(s, []))
             for s in settings
         ]
         lines.append("| " + " | ".join([method, *cells]) + " |")
@@ -310,6 +315,17 @@ def method_color(method: str) -> str | None:
     if method in METHOD_ORDER:
         return f"C{METHOD_ORDER.index(method)}"
     return None
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Writes a Matplotlib figure as PNG atomically and closes it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+    return path
 
 
 def _save_plot(
@@ -345,11 +361,7 @@ def _save_plot(
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_fewshot(records: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -434,11 +446,7 @@ def plot_progress(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     for axis in axes[:, 1]:
         axis.xaxis.set_major_formatter(EngFormatter())  # 200k, not 200000
     axes[0][0].legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def summarize(run_dir: Path) -> str:

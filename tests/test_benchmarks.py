@@ -356,6 +356,92 @@ def test_write_record_needs_a_method(tmp_path: Path) -> None:
         results.summarize(tmp_path)
 
 
+def budget_record(
+    method: str, epochs: int, one_shot: list[float], knn: float, **config: Any
+) -> dict[str, Any]:
+    """A staged record of ``method`` trained ``epochs`` epochs on 1,000 images."""
+    record = copy.deepcopy(fake_record(method, 0.0))
+    record["pretrain"].update(
+        epochs=epochs, train_images=1000, wall_time_s=60.0 * epochs
+    )
+    record["knn"]["20"]["top1"] = knn
+    record["fewshot"][0].update(mean=sum(one_shot) / len(one_shot), accuracies=one_shot)
+    record["knn_curve"] = [{"step": 0, "top1": 20.0}, {"step": 10, "top1": knn}]
+    record["knn_curve_sets"] = "bank"
+    record["recipe"] = {"lr_per_256": 1e-3}
+    record["config"] = {
+        "vit": {"depth": 4},
+        "data": {"img_size": 32, "data_dir": "/here"},
+        "benchmark": {"fewshot_seeds": len(one_shot)},
+    }
+    for section, values in config.items():
+        record["config"][section].update(values)
+    return record
+
+
+def test_budgets_put_runs_of_one_profile_side_by_side(tmp_path: Path) -> None:
+    from benchmarks.budgets import main as budgets_main
+
+    runs = {
+        "short": [
+            budget_record("simclr", 1, [20.0, 24.0], 40.0),
+            budget_record("msn", 1, [19.0, 22.0], 35.0),
+        ],
+        "long": [
+            budget_record("msn", 4, [23.0, 26.0], 45.0, data={"data_dir": "/there"}),
+            budget_record("simclr", 4, [22.0, 23.0], 44.0),
+        ],
+    }
+    for run, records in runs.items():
+        for record in records:
+            results.write_record(tmp_path / run, record)
+    arguments = ["long", "short", "--name", "both", "--results-dir", str(tmp_path)]
+    assert budgets_main(arguments) == 0
+    text = (tmp_path / "both" / "budgets.md").read_text()
+    lines = text.splitlines()
+    assert lines[2].startswith("| method | epochs | images seen | training (min) |")
+    # by method, then by epochs, whatever the order of the runs
+    assert lines[4:8] == [
+        "| msn | 1 | 1,000 | 1 | 35.0 | +15.0 | 20.5 | 30.0 |",
+        "| msn | 4 | 4,000 | 4 | 45.0 | +25.0 | 24.5 | 30.0 |",
+        "| simclr | 1 | 1,000 | 1 | 40.0 | +20.0 | 22.0 | 30.0 |",
+        "| simclr | 4 | 4,000 | 4 | 44.0 | +24.0 | 22.5 | 30.0 |",
+    ]
+    # msn - simclr per draw: -1, -2 at 1 epoch (mean -1.5, standard error 0.5);
+    # +1, +3 at 4 epochs (mean +2.0, standard error 1.0)
+    assert "| simclr | 1 | -1.5 ± 0.5 (0/2) | +0.0 (0/1) |" in lines
+    assert "| simclr | 4 | +2.0 ± 1.0 (2/2) | +0.0 (0/1) |" in lines
+    png = (tmp_path / "both" / "budgets.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):  # a usage error naming the run, no traceback
+        budgets_main(["long", "lost", "--name", "x", "--results-dir", str(tmp_path)])
+    assert not (tmp_path / "x").exists()
+
+
+def test_budgets_refuse_runs_that_differ_in_more_than_epochs(tmp_path: Path) -> None:
+    from benchmarks.budgets import load_budgets
+
+    def run(name: str, *records: dict[str, Any]) -> Path:
+        for record in records:
+            results.write_record(tmp_path / name, record)
+        return tmp_path / name
+
+    one = run("one", budget_record("msn", 1, [20.0], 30.0))
+    wider = run("wider", budget_record("msn", 2, [20.0], 30.0, vit={"depth": 6}))
+    with pytest.raises(ValueError, match=r"wider/msn.json: its ViT differs from .*one"):
+        load_budgets([one, wider])
+    again = run("again", budget_record("msn", 1, [21.0], 31.0))
+    with pytest.raises(ValueError, match="msn trained for 1 epochs in both"):
+        load_budgets([one, again])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no benchmark records"):
+        load_budgets([one, tmp_path / "empty"])
+    retuned = copy.deepcopy(budget_record("msn", 2, [20.0], 30.0))
+    retuned["recipe"]["lr_per_256"] = 2e-3
+    with pytest.raises(ValueError, match="its recipe differs"):
+        load_budgets([one, run("retuned", retuned)])
+
+
 @pytest.mark.parametrize("method", ["mae", "msn"])
 def test_end_to_end_run_writes_record_table_and_curve(
     method: str, tmp_path: Path

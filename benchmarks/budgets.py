@@ -1,0 +1,260 @@
+"""Accuracy against budget: runs of one profile at several epoch counts, side by side.
+
+Each run (``python -m benchmarks.run --set trainer.max_epochs=N --name ...``) has its
+own table; this puts their records together, so that one can read where in compute
+the methods' lines cross: ``budgets.md`` (each method's kNN and few-shot top-1 per
+budget, and ``msn`` minus each method on the same few-shot draws) and ``budgets.png``
+(kNN and few-shot top-1 against images seen, one line per method)::
+
+    python -m benchmarks.budgets cpu-standard cpu-standard-2ep cpu-standard-4ep \\
+        cpu-standard-8ep --name cpu-standard-budgets
+
+The runs must differ in their epochs only: the ViT, the data, the evaluation and
+each method's recipe are checked to be the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import results
+from benchmarks.methods import method_sort_key
+from benchmarks.run import RESULTS_DIR
+from lightly_msn.files import atomic_write_text
+
+# where a run was made, not what it measured
+MACHINE_DATA_KEYS = frozenset({"data_dir", "num_workers"})
+
+
+def held_constant(record: dict[str, Any]) -> dict[str, Any]:
+    """What must be the same in every run of a budget comparison."""
+    config = record["config"]
+    data = {k: v for k, v in config["data"].items() if k not in MACHINE_DATA_KEYS}
+    return {
+        "ViT": config["vit"],
+        "data": data,
+        "evaluation": config["benchmark"],
+        "recipe": record.get("recipe"),
+    }
+
+
+def epochs_of(record: dict[str, Any]) -> int:
+    return int(record["pretrain"]["epochs"])
+
+
+def load_budgets(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """The records of ``run_dirs``, by method, then by epochs.
+
+    Raises:
+        ValueError: A run has no records, two runs train a method for the same
+            number of epochs, or a run differs from another in more than epochs.
+    """
+    records: list[dict[str, Any]] = []
+    first_seen: dict[str, tuple[Path, dict[str, Any]]] = {}
+    seen_epochs: dict[tuple[str, int], Path] = {}
+    for run_dir in map(Path, run_dirs):
+        run_records = results.load_records(run_dir)
+        if not run_records:
+            raise ValueError(f"no benchmark records (*.json) in {run_dir}")
+        for record in run_records:
+            method, epochs = record["method"], epochs_of(record)
+            if (method, epochs) in seen_epochs:
+                raise ValueError(
+                    f"{method} trained for {epochs} epochs in both "
+                    f"{seen_epochs[method, epochs]} and {run_dir}"
+                )
+            seen_epochs[method, epochs] = run_dir
+            held = held_constant(record)
+            first_dir, first = first_seen.setdefault(method, (run_dir, held))
+            for part, value in held.items():
+                if value != first[part]:
+                    raise ValueError(
+                        f"{results.record_path(run_dir, method)}: its {part} differs "
+                        f"from {first_dir}'s ({value} against {first[part]}); the "
+                        "runs of a budget comparison may differ in epochs only"
+                    )
+            records.append(record)
+    return sorted(records, key=lambda r: (method_sort_key(r["method"]), epochs_of(r)))
+
+
+def per_class_settings(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The few-shot settings counted in labels per class (``"5"``, not ``"1%"``)."""
+    return [s for s in results.fewshot_settings(records) if not s.endswith("%")]
+
+
+def _fewshot_means(record: dict[str, Any]) -> dict[str, float]:
+    return {entry["setting"]: entry["mean"] for entry in record.get("fewshot", [])}
+
+
+def budget_table(records: Sequence[dict[str, Any]]) -> str:
+    """Each method's accuracy per budget: one row per method and epoch count."""
+    settings = results.fewshot_settings(records)
+    knn = f"kNN k={results.STAGE_K}"
+    lines = results.table_head(
+        ["method", "epochs", "images seen", "training (min)", knn, "gain"]
+        + [results.setting_label(s) for s in settings]
+    )
+    for record in records:
+        pretrain = record["pretrain"]
+        final = record.get("knn", {}).get(str(results.STAGE_K), {}).get("top1")
+        initial = results.initial_knn(record)
+        gain = None if final is None or initial is None else final - initial
+        means = _fewshot_means(record)
+        cells = [
+            record["method"],
+            str(epochs_of(record)),
+            f"{epochs_of(record) * pretrain['train_images']:,}",
+            results.format_number(pretrain["wall_time_s"] / 60, 0),
+            results.format_number(final),
+            "–" if gain is None else f"{gain:+.1f}",
+        ] + [results.format_number(means.get(s)) for s in settings]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_budget_table(
+    records: Sequence[dict[str, Any]], reference: str = results.PAIRED_REFERENCE
+) -> str | None:
+    """``reference`` minus each method on the same few-shot draws, per budget.
+
+    The cells of :func:`benchmarks.results.paired_table`, one row per method and
+    epoch count; ``None`` when no budget has ``reference`` and another method.
+    """
+    draws = {
+        (r["method"], epochs_of(r)): {
+            e["setting"]: e["accuracies"] for e in r.get("fewshot", [])
+        }
+        for r in records
+    }
+    settings = results.fewshot_settings(records)
+    rows = []
+    for method, epochs in draws:
+        if method == reference or (reference, epochs) not in draws:
+            continue
+        ours, theirs = draws[reference, epochs], draws[method, epochs]
+        cells = [
+            results.paired_cell(ours.get(s, []), theirs.get(s, [])) for s in settings
+        ]
+        rows.append("| " + " | ".join([method, str(epochs), *cells]) + " |")
+    if not rows:
+        return None
+    header = ["method", "epochs"] + [results.setting_label(s) for s in settings]
+    return "\n".join(results.table_head(header) + rows) + "\n"
+
+
+def plot_budgets(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """kNN top-1 and few-shot top-1 (per-class settings) against images seen.
+
+    One panel per measure, one line per method, a logarithmic axis with a tick at
+    each budget; the dashed line is the initialisation's kNN accuracy when all
+    methods share it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures: list[tuple[str, Any]] = [
+        (
+            f"kNN top-1 (%), k={results.STAGE_K}",
+            lambda r: r.get("knn", {}).get(str(results.STAGE_K), {}).get("top1"),
+        )
+    ]
+    for setting in per_class_settings(records):
+        measures.append(
+            (
+                f"few-shot top-1 (%), {results.setting_label(setting)}",
+                lambda r, s=setting: _fewshot_means(r).get(s),
+            )
+        )
+    columns = 2
+    rows = math.ceil(len(measures) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(10, 3.5 * rows), squeeze=False)
+    methods = sorted({r["method"] for r in records}, key=method_sort_key)
+    images = sorted({epochs_of(r) * r["pretrain"]["train_images"] for r in records})
+    ticks = {
+        epochs_of(r) * r["pretrain"]["train_images"]: f"{epochs_of(r)} ep"
+        for r in records
+    }
+    initial = {results.initial_knn(r) for r in records}
+    for (label, measure), axis in zip(measures, axes.flat, strict=False):
+        for method in methods:
+            points = [
+                (epochs_of(r) * r["pretrain"]["train_images"], measure(r))
+                for r in records
+                if r["method"] == method and measure(r) is not None
+            ]
+            if points:
+                axis.plot(
+                    *zip(*points, strict=True),
+                    marker="o",
+                    label=method,
+                    color=results.method_color(method),
+                )
+        if measure is measures[0][1] and len(initial) == 1 and None not in initial:
+            axis.axhline(
+                initial.pop(), color="grey", linestyle="--", label="initialisation"
+            )
+        axis.set_xscale("log")
+        axis.set_xticks(images, [f"{ticks[x]}\n{x:,}" for x in images])
+        axis.minorticks_off()
+        axis.set_xlabel("images seen (epochs)")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    for axis in axes.flat[len(measures) :]:
+        axis.set_visible(False)
+    axes[0][0].legend(fontsize="small")
+    return results.save_figure(figure, path)
+
+
+def summarize_budgets(run_dirs: Sequence[Path], out_dir: Path) -> str:
+    """Writes ``budgets.md`` and ``budgets.png`` to ``out_dir``; returns the tables."""
+    records = load_budgets(run_dirs)
+    names = ", ".join(f"`{Path(d).name}`" for d in run_dirs)
+    text = (
+        f"Accuracy against budget, from the runs {names} (training minutes are "
+        "each run's own: runs made on other days or machines differ in speed):\n\n"
+        + budget_table(records)
+    )
+    paired = paired_budget_table(records)
+    if paired is not None:
+        text += (
+            f"\nFew-shot top-1 of `{results.PAIRED_REFERENCE}` minus each method on "
+            "the same draws, per budget (mean ± standard error, draws "
+            f"`{results.PAIRED_REFERENCE}` wins):\n\n" + paired
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "budgets.md", text)
+    plot_budgets(records, out_dir / "budgets.png")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.budgets",
+        description="Put runs of one profile at several budgets side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", help="run names (folders of --results-dir)")
+    parser.add_argument(
+        "--name", required=True, help="folder for budgets.md and budgets.png"
+    )
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    results_dir = Path(args.results_dir)
+    try:
+        text = summarize_budgets(
+            [results_dir / run for run in args.runs], results_dir / args.name
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
