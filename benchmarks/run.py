@@ -61,6 +61,7 @@ from lightly_msn.data import (
 )
 from lightly_msn.eval.fewshot import parse_shots
 from lightly_msn.eval.protocols import FeatureEvaluation, evaluate_features
+from lightly_msn.files import atomic_write_text
 from lightly_msn.train import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -298,12 +299,19 @@ def pretrain_and_evaluate(
 
     method_dir = run_dir / method_name
     last = method_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    config_file = method_dir / CONFIG_FILE
+    if last.is_file() and config_file.is_file():
+        trained = json.loads(config_file.read_text())
+        check_same_profile(trained, config, method_name, config_file)
     # a method without a checkpoint starts afresh (whatever an earlier attempt left)
     resume = prepare_output_dir(
         method_dir,
         resume=last if last.is_file() else None,
         overwrite=not last.is_file(),
     )
+    if resume is None:
+        method_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
     progress_evaluation = progress_callback(config, sets)
     arguments = run_trainer_arguments(method_dir, progress=progress)
     if progress_evaluation is not None:
@@ -369,34 +377,68 @@ def pretrain_and_evaluate(
     return record
 
 
-REEVALUATION_KEYS = ("knn_ks", "fewshot", "fewshot_seeds")
-"""The ``benchmark`` values a re-evaluation may change: they do not touch training."""
+REEVALUATION_KEYS = ("benchmark.knn_ks", "benchmark.fewshot", "benchmark.fewshot_seeds")
+"""The profile values a re-evaluation may change: they do not touch training."""
+
+MACHINE_KEYS = ("data.data_dir", "data.num_workers")
+"""Profile values that say where a run is made, not what it measures."""
+
+CONFIG_FILE = "config.json"
+"""The profile a method's run started under, beside its checkpoints."""
 
 
-def _profile_differences(
-    trained: dict[str, Any], current: dict[str, Any], method_name: str
+def profile_differences(
+    trained: dict[str, Any],
+    current: dict[str, Any],
+    method_name: str,
+    may_change: Sequence[str] = (),
 ) -> list[str]:
-    """The profile values (``section.key``) that differ for ``method_name``.
+    """The profile values that differ for ``method_name``, as ``key: before -> now``.
 
-    Evaluation-only values aside, and the other methods' recipes, which do not
-    touch this method's weights.
+    ``may_change`` (``section.key``) aside, and the machine-specific values and the
+    other methods' recipes, which do not touch this method's weights.
     """
     trained, current = json.loads(json.dumps(trained)), json.loads(json.dumps(current))
+    ignored = {*MACHINE_KEYS, *may_change}
     differences = []
     for section in sorted(set(trained) | set(current)):
         before, after = trained.get(section), current.get(section)
         if not isinstance(before, dict) or not isinstance(after, dict):
             if before != after:
-                differences.append(section)
+                differences.append(f"{section}: {before} -> {after}")
             continue
         for key in sorted(set(before) | set(after)):
-            if section == "benchmark" and key in REEVALUATION_KEYS:
+            if f"{section}.{key}" in ignored:
                 continue
             if section == "methods" and key != method_name:
                 continue
-            if before.get(key) != after.get(key):
-                differences.append(f"{section}.{key}")
+            was, now = before.get(key), after.get(key)
+            if was != now:
+                differences.append(f"{section}.{key}: {was} -> {now}")
     return differences
+
+
+def check_same_profile(
+    trained: dict[str, Any],
+    config: BenchmarkConfig,
+    method_name: str,
+    source: Path,
+    may_change: Sequence[str] = (),
+) -> None:
+    """Raises ``ValueError`` if ``config`` is not the profile ``source`` ran under.
+
+    A run folder holds one budget: resuming a method, or keeping its record, under
+    other values (another ``trainer.max_epochs``, say) would mix two runs silently.
+    """
+    differences = profile_differences(
+        trained, config.to_dict(), method_name, may_change
+    )
+    if differences:
+        raise ValueError(
+            f"{source}: {method_name} ran under other profile values than this run's "
+            f"({'; '.join(differences)}): give this run its own --name, or the same "
+            "--profile and --set values as the first"
+        )
 
 
 def reevaluate(
@@ -420,12 +462,14 @@ def reevaluate(
                 "re-evaluated after its run has finished."
             )
     record = json.loads(path.read_text())
-    differences = _profile_differences(record["config"], config.to_dict(), method_name)
+    differences = profile_differences(
+        record["config"], config.to_dict(), method_name, REEVALUATION_KEYS
+    )
     if differences:
         raise ValueError(
-            f"reevaluate {method_name}: {path} was trained under other values of "
-            f"{', '.join(differences)}; only benchmark."
-            f"{{{','.join(REEVALUATION_KEYS)}}} may change."
+            f"reevaluate {method_name}: {path} was trained under other values "
+            f"({'; '.join(differences)}); only {', '.join(REEVALUATION_KEYS)} may "
+            "change."
         )
     method = load_method(method_name).from_config(config)
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
@@ -511,7 +555,12 @@ def pretrain_methods(
     progress = not args.no_progress
     failed: list[str] = []
     for name in methods:
-        if args.skip_existing and results.record_path(run_dir, name).is_file():
+        record_path = results.record_path(run_dir, name)
+        if args.skip_existing and record_path.is_file():
+            record = json.loads(record_path.read_text())
+            check_same_profile(
+                record["config"], config, name, record_path, REEVALUATION_KEYS
+            )
             print(f"[benchmarks] {name}: result exists, skipped", flush=True)
             continue
         if args.in_process or len(methods) == 1:

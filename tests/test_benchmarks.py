@@ -715,7 +715,9 @@ def test_reevaluation_reproduces_the_run_and_adds_draws(tmp_path: Path) -> None:
     longer = tiny_config(
         trainer={"max_epochs": 2}, data={"train_subset": 32}, benchmark=benchmark
     )
-    with pytest.raises(ValueError, match=r"other values of trainer\.max_epochs"):
+    with pytest.raises(
+        ValueError, match=r"other values \(trainer\.max_epochs: 1 -> 2\)"
+    ):
         reevaluate(longer, "simclr", run_dir, progress=False)
     # another method's recipe does not touch simclr's weights; its own does
     other_recipe = tiny_config(
@@ -730,10 +732,46 @@ def test_reevaluation_reproduces_the_run_and_adds_draws(tmp_path: Path) -> None:
         benchmark=benchmark,
         methods={"simclr": {"temperature": 0.3}},
     )
-    with pytest.raises(ValueError, match=r"other values of methods\.simclr;"):
+    with pytest.raises(ValueError, match=r"other values \(methods\.simclr: "):
         reevaluate(own_recipe, "simclr", run_dir, progress=False)
     with pytest.raises(FileNotFoundError, match="msn.json does not exist"):
         reevaluate(config, "msn", run_dir, progress=False)
+
+
+def test_a_run_folder_keeps_one_budget(tmp_path: Path) -> None:
+    from benchmarks import run as run_module
+
+    config = tiny_config(data={"train_subset": 16})
+    config.bank_subset, config.test_subset = 40, 20
+    config.monitor_bank = config.monitor_test = 20
+    config.fewshot, config.fewshot_seeds, config.knn_ks = ("1",), 1, (5,)
+    run_dir = tmp_path / "run"
+    run_module.pretrain_and_evaluate(config, "simclr", run_dir, progress=False)
+    written = json.loads((run_dir / "simclr" / "config.json").read_text())
+    assert written == json.loads(json.dumps(config.to_dict()))
+
+    longer = copy.deepcopy(config)
+    longer.trainer["max_epochs"] = 2
+    # continuing the method's checkpoint under another budget is refused ...
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs: 1 -> 2\).*--name"):
+        run_module.pretrain_and_evaluate(longer, "simclr", run_dir, progress=False)
+    # ... and so is keeping its record as if it were this run's
+    parse = run_module.build_parser().parse_args
+    args = parse(["--profile", "cpu-quick", "--methods", "simclr", "--skip-existing"])
+    with pytest.raises(ValueError, match=r"simclr\.json: simclr ran under other"):
+        run_module.pretrain_methods(args, longer, ["simclr"], run_dir)
+    assert run_module.pretrain_methods(args, config, ["simclr"], run_dir) == []
+
+    # where the run is made and how it is evaluated may change; what it trains may not
+    moved = copy.deepcopy(config.to_dict())
+    moved["data"].update(data_dir="/elsewhere", num_workers=8)
+    moved["benchmark"]["fewshot_seeds"] = 10
+    assert run_module.profile_differences(config.to_dict(), moved, "simclr") == [
+        "benchmark.fewshot_seeds: 1 -> 10"
+    ]
+    assert not run_module.profile_differences(
+        config.to_dict(), moved, "simclr", run_module.REEVALUATION_KEYS
+    )
 
 
 def staged_record(method: str, top1: list[float]) -> dict[str, Any]:
