@@ -9,8 +9,8 @@ budget, and ``msn`` minus each method on the same few-shot draws) and ``budgets.
     python -m benchmarks.budgets cpu-standard cpu-standard-2ep cpu-standard-4ep \\
         cpu-standard-8ep --name cpu-standard-budgets
 
-The runs must differ in their epochs only: the ViT, the data, the evaluation and
-each method's recipe are checked to be the same.
+The runs must differ in their epochs only: the rest of the profile (ViT, data,
+evaluation, precision, seed) and each method's recipe are checked to be the same.
 """
 
 from __future__ import annotations
@@ -23,23 +23,8 @@ from typing import Any
 
 from benchmarks import results
 from benchmarks.methods import method_sort_key
-from benchmarks.run import RESULTS_DIR
+from benchmarks.run import RESULTS_DIR, profile_differences
 from lightly_msn.files import atomic_write_text
-
-# where a run was made, not what it measured
-MACHINE_DATA_KEYS = frozenset({"data_dir", "num_workers"})
-
-
-def held_constant(record: dict[str, Any]) -> dict[str, Any]:
-    """What must be the same in every run of a budget comparison."""
-    config = record["config"]
-    data = {k: v for k, v in config["data"].items() if k not in MACHINE_DATA_KEYS}
-    return {
-        "ViT": config["vit"],
-        "data": data,
-        "evaluation": config["benchmark"],
-        "recipe": record.get("recipe"),
-    }
 
 
 def epochs_of(record: dict[str, Any]) -> int:
@@ -68,15 +53,20 @@ def load_budgets(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
                     f"{seen_epochs[method, epochs]} and {run_dir}"
                 )
             seen_epochs[method, epochs] = run_dir
-            held = held_constant(record)
-            first_dir, first = first_seen.setdefault(method, (run_dir, held))
-            for part, value in held.items():
-                if value != first[part]:
-                    raise ValueError(
-                        f"{results.record_path(run_dir, method)}: its {part} differs "
-                        f"from {first_dir}'s ({value} against {first[part]}); the "
-                        "runs of a budget comparison may differ in epochs only"
-                    )
+            first_dir, first = first_seen.setdefault(method, (run_dir, record))
+            differences = profile_differences(
+                first["config"], record["config"], method, ["trainer.max_epochs"]
+            )
+            if record.get("recipe") != first.get("recipe"):
+                differences.append(
+                    f"recipe: {first.get('recipe')} -> {record.get('recipe')}"
+                )
+            if differences:
+                raise ValueError(
+                    f"{results.record_path(run_dir, method)} differs from "
+                    f"{first_dir}'s {method} in more than epochs "
+                    f"({'; '.join(differences)})"
+                )
             records.append(record)
     return sorted(records, key=lambda r: (method_sort_key(r["method"]), epochs_of(r)))
 
