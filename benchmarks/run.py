@@ -310,7 +310,6 @@ def pretrain_and_evaluate(
         overwrite=not last.is_file(),
     )
     if resume is None:
-        method_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
     progress_evaluation = progress_callback(config, sets)
     arguments = run_trainer_arguments(method_dir, progress=progress)
