@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from benchmarks import results
 from benchmarks.evaluate import ProgressEvaluation, embed_method, evaluation_record
 from benchmarks.methods import available_methods, load_method
-from benchmarks.methods.base import BenchmarkConfig
+from benchmarks.methods.base import SECTIONS, BenchmarkConfig
 from benchmarks.results import STAGE_K
 from lightly_msn.data import (
     TransformedSubset,
@@ -395,8 +395,11 @@ def profile_differences(
     """The profile values that differ for ``method_name``, as ``key: before -> now``.
 
     ``may_change`` (``section.key``) aside, and the machine-specific values and the
-    other methods' recipes, which do not touch this method's weights.
+    other methods' recipes, which do not touch this method's weights. A record of
+    the older, flat profile format differs as a whole.
     """
+    if trained != current and not set(SECTIONS) <= set(trained):
+        return ["a profile in the older format without sections, not comparable"]
     trained, current = json.loads(json.dumps(trained)), json.loads(json.dumps(current))
     ignored = {*MACHINE_KEYS, *may_change}
     differences = []

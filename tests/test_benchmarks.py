@@ -370,9 +370,12 @@ def budget_record(
     record["knn_curve_sets"] = "bank"
     record["recipe"] = {"lr_per_256": 1e-3}
     record["config"] = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": epochs},
         "vit": {"depth": 4},
         "data": {"img_size": 32, "data_dir": "/here"},
         "benchmark": {"fewshot_seeds": len(one_shot)},
+        "methods": {},
     }
     for section, values in config.items():
         record["config"][section].update(values)
@@ -776,6 +779,10 @@ def test_a_run_folder_keeps_one_budget(tmp_path: Path) -> None:
     assert not run_module.profile_differences(
         config.to_dict(), moved, "simclr", run_module.REEVALUATION_KEYS
     )
+    flat = {"epochs": 1, "data": "cifar10", "precision": "32-true"}  # before sections
+    assert run_module.profile_differences(flat, moved, "simclr") == [
+        "a profile in the older format without sections, not comparable"
+    ]
 
 
 def staged_record(method: str, top1: list[float]) -> dict[str, Any]:
