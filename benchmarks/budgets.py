@@ -76,32 +76,34 @@ def per_class_settings(records: Sequence[dict[str, Any]]) -> list[str]:
     return [s for s in results.fewshot_settings(records) if not s.endswith("%")]
 
 
-def _fewshot_means(record: dict[str, Any]) -> dict[str, float]:
-    return {entry["setting"]: entry["mean"] for entry in record.get("fewshot", [])}
+def images_seen(record: dict[str, Any]) -> int:
+    return epochs_of(record) * int(record["pretrain"]["train_images"])
+
+
+def budget_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`benchmarks.results.flatten` of each record: kNN (k = 20), few-shot."""
+    settings = results.fewshot_settings(records)
+    return [results.flatten(r, [str(results.STAGE_K)], settings) for r in records]
 
 
 def budget_table(records: Sequence[dict[str, Any]]) -> str:
     """Each method's accuracy per budget: one row per method and epoch count."""
     settings = results.fewshot_settings(records)
-    knn = f"kNN k={results.STAGE_K}"
     lines = results.table_head(
-        ["method", "epochs", "images seen", "training (min)", knn, "gain"]
+        ["method", "epochs", "images seen", "training (min)"]
+        + [f"kNN k={results.STAGE_K}", "gain"]
         + [results.setting_label(s) for s in settings]
     )
-    for record in records:
-        pretrain = record["pretrain"]
-        final = record.get("knn", {}).get(str(results.STAGE_K), {}).get("top1")
-        initial = results.initial_knn(record)
-        gain = None if final is None or initial is None else final - initial
-        means = _fewshot_means(record)
+    for record, row in zip(records, budget_rows(records), strict=True):
+        gain = row["knn_gain"]
         cells = [
-            record["method"],
-            str(epochs_of(record)),
-            f"{epochs_of(record) * pretrain['train_images']:,}",
-            results.format_number(pretrain["wall_time_s"] / 60, 0),
-            results.format_number(final),
+            row["method"],
+            str(row["epochs"]),
+            f"{images_seen(record):,}",
+            results.format_number(row["pretrain_wall_time_s"] / 60, 0),
+            results.format_number(row[f"knn_top1_k{results.STAGE_K}"]),
             "–" if gain is None else f"{gain:+.1f}",
-        ] + [results.format_number(means.get(s)) for s in settings]
+        ] + [results.format_number(row[f"fewshot_{s}_mean"]) for s in settings]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -111,29 +113,26 @@ def paired_budget_table(
 ) -> str | None:
     """``reference`` minus each method on the same few-shot draws, per budget.
 
-    The cells of :func:`benchmarks.results.paired_table`, one row per method and
-    epoch count; ``None`` when no budget has ``reference`` and another method.
+    The rows of :func:`benchmarks.results.paired_table` for each epoch count, by
+    method, then epochs; ``None`` when no budget has ``reference`` and another
+    method.
     """
-    draws = {
-        (r["method"], epochs_of(r)): {
-            e["setting"]: e["accuracies"] for e in r.get("fewshot", [])
-        }
-        for r in records
-    }
     settings = results.fewshot_settings(records)
-    rows = []
-    for method, epochs in draws:
-        if method == reference or (reference, epochs) not in draws:
-            continue
-        ours, theirs = draws[reference, epochs], draws[method, epochs]
-        cells = [
-            results.paired_cell(ours.get(s, []), theirs.get(s, [])) for s in settings
-        ]
-        rows.append("| " + " | ".join([method, str(epochs), *cells]) + " |")
+    rows = [
+        (method, epochs, cells)
+        for epochs in sorted({epochs_of(r) for r in records})
+        for method, cells in results.paired_rows(
+            [r for r in records if epochs_of(r) == epochs], settings, reference
+        )
+    ]
     if not rows:
         return None
+    rows.sort(key=lambda row: (method_sort_key(row[0]), row[1]))
     header = ["method", "epochs"] + [results.setting_label(s) for s in settings]
-    return "\n".join(results.table_head(header) + rows) + "\n"
+    lines = results.table_head(header)
+    for method, epochs, cells in rows:
+        lines.append("| " + " | ".join([method, str(epochs), *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_budgets(records: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -148,35 +147,24 @@ def plot_budgets(records: Sequence[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measures: list[tuple[str, Any]] = [
-        (
-            f"kNN top-1 (%), k={results.STAGE_K}",
-            lambda r: r.get("knn", {}).get(str(results.STAGE_K), {}).get("top1"),
-        )
+    measures = [(f"knn_top1_k{results.STAGE_K}", f"kNN top-1 (%), k={results.STAGE_K}")]
+    measures += [
+        (f"fewshot_{s}_mean", f"few-shot top-1 (%), {results.setting_label(s)}")
+        for s in per_class_settings(records)
     ]
-    for setting in per_class_settings(records):
-        measures.append(
-            (
-                f"few-shot top-1 (%), {results.setting_label(setting)}",
-                lambda r, s=setting: _fewshot_means(r).get(s),
-            )
-        )
     columns = 2
     rows = math.ceil(len(measures) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(10, 3.5 * rows), squeeze=False)
+    flat_rows = budget_rows(records)
+    seen = [images_seen(r) for r in records]
+    ticks = dict(zip(seen, (epochs_of(r) for r in records), strict=True))
     methods = sorted({r["method"] for r in records}, key=method_sort_key)
-    images = sorted({epochs_of(r) * r["pretrain"]["train_images"] for r in records})
-    ticks = {
-        epochs_of(r) * r["pretrain"]["train_images"]: f"{epochs_of(r)} ep"
-        for r in records
-    }
-    initial = {results.initial_knn(r) for r in records}
-    for (label, measure), axis in zip(measures, axes.flat, strict=False):
+    for (key, label), axis in zip(measures, axes.flat, strict=False):
         for method in methods:
             points = [
-                (epochs_of(r) * r["pretrain"]["train_images"], measure(r))
-                for r in records
-                if r["method"] == method and measure(r) is not None
+                (x, row[key])
+                for x, row in zip(seen, flat_rows, strict=True)
+                if row["method"] == method and row[key] is not None
             ]
             if points:
                 axis.plot(
@@ -185,16 +173,17 @@ def plot_budgets(records: Sequence[dict[str, Any]], path: Path) -> Path:
                     label=method,
                     color=results.method_color(method),
                 )
-        if measure is measures[0][1] and len(initial) == 1 and None not in initial:
-            axis.axhline(
-                initial.pop(), color="grey", linestyle="--", label="initialisation"
-            )
         axis.set_xscale("log")
-        axis.set_xticks(images, [f"{ticks[x]}\n{x:,}" for x in images])
+        axis.set_xticks(sorted(ticks), [f"{ticks[x]} ep\n{x:,}" for x in sorted(ticks)])
         axis.minorticks_off()
         axis.set_xlabel("images seen (epochs)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
+    initial = {row["knn_top1_init"] for row in flat_rows}
+    if len(initial) == 1 and None not in initial:
+        axes[0][0].axhline(
+            initial.pop(), color="grey", linestyle="--", label="initialisation"
+        )
     for axis in axes.flat[len(measures) :]:
         axis.set_visible(False)
     axes[0][0].legend(fontsize="small")

@@ -273,6 +273,36 @@ def paired_cell(reference: Sequence[float], other: Sequence[float]) -> str:
     return f"{mean:+.1f} ± {math.sqrt(variance / n):.1f} ({wins}/{n})"
 
 
+def paired_rows(
+    records: Sequence[dict[str, Any]],
+    settings: Sequence[str],
+    reference: str = PAIRED_REFERENCE,
+) -> list[tuple[str, list[str]]]:
+    """Each other method with its :func:`paired_cell` per few-shot setting.
+
+    Empty without ``reference`` or another method among ``records``.
+    """
+    draws = {
+        record["method"]: {
+            e["setting"]: e["accuracies"] for e in record.get("fewshot", [])
+        }
+        for record in records
+    }
+    if reference not in draws:
+        return []
+    return [
+        (
+            method,
+            [
+                paired_cell(draws[reference].get(s, []), accuracies.get(s, []))
+                for s in settings
+            ],
+        )
+        for method, accuracies in draws.items()
+        if method != reference
+    ]
+
+
 def paired_table(
     records: Sequence[dict[str, Any]], reference: str = PAIRED_REFERENCE
 ) -> str | None:
@@ -285,23 +315,12 @@ def paired_table(
     first 3 of 10 are the 3 of a 3-draw evaluation), then the draws ``reference``
     wins. ``None`` without ``reference`` or another method.
     """
-    draws = {
-        record["method"]: {
-            e["setting"]: e["accuracies"] for e in record.get("fewshot", [])
-        }
-        for record in records
-    }
-    if reference not in draws or len(draws) < 2:
-        return None
     settings = fewshot_settings(records)
+    rows = paired_rows(records, settings, reference)
+    if not rows:
+        return None
     lines = table_head(["method"] + [setting_label(s) for s in settings])
-    for method, accuracies in draws.items():
-        if method == reference:
-            continue
-        cells = [
-            paired_cell(draws[reference].get(s, []), accuracies.get(s, []))
-            for s in settings
-        ]
+    for method, cells in rows:
         lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
