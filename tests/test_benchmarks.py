@@ -414,11 +414,60 @@ def test_budgets_put_runs_of_one_profile_side_by_side(tmp_path: Path) -> None:
     # +1, +3 at 4 epochs (mean +2.0, standard error 1.0)
     assert "| simclr | 1 | -1.5 ± 0.5 (0/2) | +0.0 (0/1) |" in lines
     assert "| simclr | 4 | +2.0 ± 1.0 (2/2) | +0.0 (0/1) |" in lines
+    # msn - simclr: kNN -5 then +1, 1 per class -1.5 then +2, 1% level at both
+    assert (
+        "| simclr | kNN top-1, k=20 | 1 / 4 | -5.0 / +1.0 | +3.0 | "
+        "cross between 1 and 4 epochs; msn ahead after |" in lines
+    )
+    assert (
+        "| simclr | few-shot top-1, 1% labelled | 1 / 4 | +0.0 / +0.0 | +0.0 | "
+        "level at every budget |" in lines
+    )
     png = (tmp_path / "both" / "budgets.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # a usage error naming the run, no traceback
         budgets_main(["long", "lost", "--name", "x", "--results-dir", str(tmp_path)])
     assert not (tmp_path / "x").exists()
+
+
+def test_gap_trend_is_the_least_squares_line_against_log2_epochs() -> None:
+    from benchmarks.budgets import gap_trend
+
+    # exactly on the line 3 - log2(epochs)
+    assert gap_trend([1, 2, 4, 8], [3.0, 2.0, 1.0, 0.0]) == pytest.approx((-1.0, 3.0))
+    # points at x = 0, 1, 2 with y = 0, 2, 1: slope 0.5, intercept 0.5
+    assert gap_trend([1, 2, 4], [0.0, 2.0, 1.0]) == pytest.approx((0.5, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("epochs", "gaps", "verdict"),
+    [
+        ([1, 2, 4], [1.0, 0.5, -1.0], "cross between 2 and 4 epochs; msn behind after"),
+        # a zero gap is no side: the sign changes between 1 and 4
+        ([1, 2, 4], [-1.0, 0.0, 2.0], "cross between 1 and 4 epochs; msn ahead after"),
+        ([1, 2], [0.0, 0.0], "level at every budget"),
+        # gap = -2 + log2(epochs): zero at 4 epochs
+        (
+            [1, 2],
+            [-2.0, -1.0],
+            "msn behind at every budget; would cross near 4 epochs on the fitted trend",
+        ),
+        # zero at 2**10 epochs, past 2 * 2**3
+        (
+            [1, 2],
+            [-10.0, -9.0],
+            "msn behind at every budget; closing, would cross beyond 16 epochs",
+        ),
+        ([1, 2], [1.0, 2.0], "msn ahead at every budget; not closing"),
+        ([1, 2, 4], [1.0, 0.0, 2.0], "msn ahead or level at every budget; not closing"),
+    ],
+)
+def test_crossing_verdict_says_where_the_lines_cross(
+    epochs: list[int], gaps: list[float], verdict: str
+) -> None:
+    from benchmarks.budgets import crossing_verdict
+
+    assert crossing_verdict(epochs, gaps, "msn") == verdict
 
 
 def test_budgets_refuse_runs_that_differ_in_more_than_epochs(tmp_path: Path) -> None:
