@@ -402,24 +402,24 @@ class DeviceMultiViewTransform:
         normalize: Normalize | None = IMAGENET_NORMALIZE,
     ) -> DeviceMultiViewTransform:
         """lightly's ``IBOTTransform`` [4]: DINO's views with iBOT's defaults."""
-        first_global = ViewSpec(
-            size=global_crop_size,
-            crop_scale=global_crop_scale,
-            interpolation="bicubic",
-            hflip_prob=hf_prob,
-            grayscale_prob=random_gray_scale,
-            blur_prob=gaussian_blur[0],
-            blur_sigmas=sigmas,
-            **_jitter(cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue),
-            **_normalization(normalize),
-        )
-        return cls(
-            _dino_views(
-                first_global,
-                gaussian_blur[1:],
-                solarization_prob,
-                (local_crop_size, local_crop_scale, n_local_views),
-            )
+        return cls.dino(
+            global_crop_size=global_crop_size,
+            global_crop_scale=global_crop_scale,
+            local_crop_size=local_crop_size,
+            local_crop_scale=local_crop_scale,
+            n_local_views=n_local_views,
+            hf_prob=hf_prob,
+            cj_prob=cj_prob,
+            cj_strength=cj_strength,
+            cj_bright=cj_bright,
+            cj_contrast=cj_contrast,
+            cj_sat=cj_sat,
+            cj_hue=cj_hue,
+            random_gray_scale=random_gray_scale,
+            gaussian_blur=gaussian_blur,
+            sigmas=sigmas,
+            solarization_prob=solarization_prob,
+            normalize=normalize,
         )
 
     @classmethod
