@@ -149,6 +149,16 @@ def measures(
     ]
 
 
+def rows_by_method(
+    records: Sequence[dict[str, Any]],
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """:func:`budget_rows` by method, then by epochs."""
+    values: dict[str, dict[int, dict[str, Any]]] = {}
+    for record, row in zip(records, budget_rows(records), strict=True):
+        values.setdefault(record["method"], {})[epochs_of(record)] = row
+    return values
+
+
 PROJECTION_DOUBLINGS = 3  # how far past the largest budget a trend is projected
 
 
@@ -215,9 +225,7 @@ def crossing_table(
     budgets both methods have; ``None`` without ``reference`` and another method
     sharing at least two budgets.
     """
-    values: dict[str, dict[int, dict[str, Any]]] = {}
-    for record, row in zip(records, budget_rows(records), strict=True):
-        values.setdefault(record["method"], {})[epochs_of(record)] = row
+    values = rows_by_method(records)
     if reference not in values:
         return None
     lines = results.table_head(
@@ -250,6 +258,65 @@ def crossing_table(
             lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == header_length:
         return None
+    return "\n".join(lines) + "\n"
+
+
+def epochs_to_reach(
+    curve: Sequence[tuple[int, float]], target: float
+) -> tuple[str, float]:
+    """The budget at which an accuracy curve first reaches ``target``.
+
+    Args:
+        curve: ``(epochs, accuracy)`` points, by epochs.
+        target: The accuracy to reach.
+
+    Returns:
+        ``("", epochs)`` interpolated linearly in log epochs between the two points
+        around the first crossing; ``("≤", smallest budget)`` when the curve starts
+        at or above ``target``; ``(">", largest budget)`` when it never reaches it.
+    """
+    if curve[0][1] >= target:
+        return "≤", float(curve[0][0])
+    for (e0, v0), (e1, v1) in zip(curve, curve[1:], strict=False):
+        if v0 < target <= v1:
+            fraction = (target - v0) / (v1 - v0)
+            return "", e0 * (e1 / e0) ** fraction
+    return ">", float(curve[-1][0])
+
+
+def compute_ratio_table(
+    records: Sequence[dict[str, Any]], reference: str = results.PAIRED_REFERENCE
+) -> str | None:
+    """The compute ``reference`` needs to match each method at each of its budgets.
+
+    A cell is the budget at which ``reference``'s line first reaches the method's
+    accuracy (:func:`epochs_to_reach`), as a multiple of the method's budget; one
+    row per method and measure, one column per budget. ``None`` without
+    ``reference`` and another method.
+    """
+    values = rows_by_method(records)
+    if reference not in values or len(values) < 2:
+        return None
+    budgets = sorted({e for m, rows in values.items() if m != reference for e in rows})
+    lines = results.table_head(["method", "measure"] + [f"{e} ep" for e in budgets])
+    for method, by_epochs in values.items():
+        if method == reference:
+            continue
+        for key, label in measures(records):
+            curve = [
+                (e, row[key])
+                for e, row in sorted(values[reference].items())
+                if row[key] is not None
+            ]
+            cells = [method, label]
+            for e in budgets:
+                value = by_epochs.get(e, {}).get(key)
+                if value is None or not curve:
+                    cells.append("–")
+                    continue
+                bound, needed = epochs_to_reach(curve, value)
+                cells.append(f"{bound}{needed / e:.1f}x")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +396,16 @@ def summarize_budgets(run_dirs: Sequence[Path], out_dir: Path) -> str:
             f"where the line would reach zero within {2**PROJECTION_DOUBLINGS}x the "
             "largest budget. Few-shot gaps of about one point are within the noise "
             "of the draws (standard errors in the table above):\n\n" + crossings
+        )
+    ratios = compute_ratio_table(records)
+    if ratios is not None:
+        text += (
+            f"\nCompute `{results.PAIRED_REFERENCE}` needs to match each method: the "
+            f"budget at which `{results.PAIRED_REFERENCE}`'s line first reaches the "
+            "method's accuracy at each of its budgets (interpolated linearly in log "
+            "epochs), as a multiple of that budget; ≤ when "
+            f"`{results.PAIRED_REFERENCE}`'s smallest budget already reaches it, > "
+            "when its largest does not:\n\n" + ratios
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "budgets.md", text)

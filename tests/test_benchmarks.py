@@ -423,6 +423,10 @@ def test_budgets_put_runs_of_one_profile_side_by_side(tmp_path: Path) -> None:
         "| simclr | few-shot top-1, 1% labelled | 1 / 4 | +0.0 / +0.0 | +0.0 | "
         "level at every budget |" in lines
     )
+    # simclr's kNN 40 at 1 epoch: msn's line (35 at 1, 45 at 4) reaches it half-way
+    # in log epochs, at 2 epochs (2.0x); its 44 at 4: at 4**0.9 = 3.48 epochs (0.9x)
+    assert "| simclr | kNN top-1, k=20 | 2.0x | 0.9x |" in lines
+    assert "| simclr | few-shot top-1, 1% labelled | ≤1.0x | ≤0.2x |" in lines
     png = (tmp_path / "both" / "budgets.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # a usage error naming the run, no traceback
@@ -468,6 +472,27 @@ def test_crossing_verdict_says_where_the_lines_cross(
     from benchmarks.budgets import crossing_verdict
 
     assert crossing_verdict(epochs, gaps, "msn") == verdict
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (10.0, ("≤", 1.0)),  # the curve starts there
+        (12.0, ("", 2.0)),  # reached exactly at a budget
+        (13.0, ("", 2.0 * 2**0.25)),  # a quarter of the way from 12 to 16, in log
+        (15.0, ("", 2.0 * 2**0.75)),
+        (16.5, (">", 8.0)),  # never reached
+    ],
+)
+def test_epochs_to_reach_interpolates_in_log_epochs(
+    target: float, expected: tuple[str, float]
+) -> None:
+    from benchmarks.budgets import epochs_to_reach
+
+    # 11 at 8 epochs: the first crossing counts, not the later dip
+    curve = [(1, 10.0), (2, 12.0), (4, 16.0), (8, 11.0)]
+    bound, epochs = epochs_to_reach(curve, target)
+    assert (bound, epochs) == (expected[0], pytest.approx(expected[1]))
 
 
 def test_budgets_refuse_runs_that_differ_in_more_than_epochs(tmp_path: Path) -> None:
