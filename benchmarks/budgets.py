@@ -3,12 +3,12 @@
 Each run (``python -m benchmarks.run --set trainer.max_epochs=N --name ...``) has its
 own table; this puts their records together, so that one can read where in compute
 the methods' lines cross: ``budgets.md`` (each method's kNN and few-shot top-1 per
-budget, ``msn`` minus each method on the same few-shot draws, and where each gap
-changes sign or is heading) and ``budgets.png``
-(kNN and few-shot top-1 against images seen, one line per method)::
+budget, ``msn`` minus each method on the same few-shot draws, where each gap
+changes sign or is heading, and the compute ``msn`` needs to match each method) and
+``budgets.png`` (kNN and few-shot top-1 against images seen, one line per method)::
 
     python -m benchmarks.budgets cpu-standard cpu-standard-2ep cpu-standard-4ep \\
-        cpu-standard-8ep --name cpu-standard-budgets
+        cpu-standard-8ep cpu-standard-16ep --name cpu-standard-budgets
 
 The runs must differ in their epochs only: the rest of the profile (ViT, data,
 evaluation, precision, seed) and each method's recipe are checked to be the same.
