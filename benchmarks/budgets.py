@@ -297,17 +297,20 @@ def compute_ratio_table(
     values = rows_by_method(records)
     if reference not in values or len(values) < 2:
         return None
-    budgets = sorted({e for m, rows in values.items() if m != reference for e in rows})
+    others = {method: rows for method, rows in values.items() if method != reference}
+    budgets = sorted({e for rows in others.values() for e in rows})
+    curves = {
+        key: [
+            (e, row[key])
+            for e, row in sorted(values[reference].items())
+            if row[key] is not None
+        ]
+        for key, _ in measures(records)
+    }
     lines = results.table_head(["method", "measure"] + [f"{e} ep" for e in budgets])
-    for method, by_epochs in values.items():
-        if method == reference:
-            continue
+    for method, by_epochs in others.items():
         for key, label in measures(records):
-            curve = [
-                (e, row[key])
-                for e, row in sorted(values[reference].items())
-                if row[key] is not None
-            ]
+            curve = curves[key]
             cells = [method, label]
             for e in budgets:
                 value = by_epochs.get(e, {}).get(key)
