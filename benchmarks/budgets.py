@@ -233,10 +233,11 @@ def crossing_table(
         + ["per doubling", "lines"]
     )
     header_length = len(lines)
+    measured = measures(records)
     for method, by_epochs in values.items():
         if method == reference:
             continue
-        for key, label in measures(records):
+        for key, label in measured:
             epochs = [
                 e
                 for e in sorted(by_epochs)
@@ -299,17 +300,18 @@ def compute_ratio_table(
         return None
     others = {method: rows for method, rows in values.items() if method != reference}
     budgets = sorted({e for rows in others.values() for e in rows})
+    measured = measures(records)
     curves = {
         key: [
             (e, row[key])
             for e, row in sorted(values[reference].items())
             if row[key] is not None
         ]
-        for key, _ in measures(records)
+        for key, _ in measured
     }
     lines = results.table_head(["method", "measure"] + [f"{e} ep" for e in budgets])
     for method, by_epochs in others.items():
-        for key, label in measures(records):
+        for key, label in measured:
             curve = curves[key]
             cells = [method, label]
             for e in budgets:

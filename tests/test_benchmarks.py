@@ -481,6 +481,7 @@ def test_crossing_verdict_says_where_the_lines_cross(
         (12.0, ("", 2.0)),  # reached exactly at a budget
         (13.0, ("", 2.0 * 2**0.25)),  # a quarter of the way from 12 to 16, in log
         (15.0, ("", 2.0 * 2**0.75)),
+        (11.0, ("", 2**0.5)),  # half-way from 10 to 12, not on the dip to 11 at 8
         (16.5, (">", 8.0)),  # never reached
     ],
 )
